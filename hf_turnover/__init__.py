@@ -2,7 +2,10 @@
 
 from .config import TurnoverConfig
 from .context import turnover_context
+from .fingerprint import training_fingerprint
+from .influence import estimate_influence, mean_influence, self_influence
 from .model import add_turnover, get_turnover_config, load_turnover, remove_turnover, turnover_layers
+from .results import combine_scores, load_scores, push_scores, save_scores, score_arguments
 from .trainer import TurnoverCollator, TurnoverTrainer, TurnoverTrainingArguments
 
 __version__ = "0.1.0"
@@ -13,6 +16,15 @@ __all__ = [
     "TurnoverTrainer",
     "TurnoverTrainingArguments",
     "add_turnover",
+    "combine_scores",
+    "estimate_influence",
+    "load_scores",
+    "mean_influence",
+    "push_scores",
+    "save_scores",
+    "score_arguments",
+    "self_influence",
+    "training_fingerprint",
     "get_turnover_config",
     "load_turnover",
     "remove_turnover",

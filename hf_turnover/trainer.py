@@ -14,6 +14,7 @@ from transformers.utils import logging
 
 from .config import TurnoverConfig
 from .context import as_instance_ids, turnover_context
+from .fingerprint import FINGERPRINT_KEY, training_fingerprint
 from .masks import MASK_MODES
 from .model import add_turnover, get_turnover_config, turnover_layers
 
@@ -107,6 +108,10 @@ class TurnoverTrainer(Trainer):
         self.id_column = self.turnover_config.id_column
         self.eval_mode = getattr(self.args, "turnover_eval_mode", "full")
         self.train_dataset = self._with_ids(self.train_dataset, "train_dataset")
+        if isinstance(self.train_dataset, datasets.Dataset):
+            # Recorded before column pruning, so influence scoring can check it gets the same instances.
+            fingerprint = training_fingerprint(self.train_dataset, self.id_column)
+            setattr(self.model.config, FINGERPRINT_KEY, fingerprint)
         self.data_collator = TurnoverCollator(self.data_collator, self.id_column)
 
     def _with_ids(self, dataset: Any, name: str) -> Any:

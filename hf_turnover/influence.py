@@ -1,0 +1,247 @@
+"""Influence of training instances on targets, from forward passes under turn-over masks.
+
+Sign convention (as in the paper): ``I(z_t, z_i) = L(f with the flipped mask of z_i, z_t) - L(f with the own mask
+of z_i, z_t)``. **Positive: z_i helped z_t** (the loss on z_t is lower in the sub-network trained on z_i).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from .context import as_instance_ids
+from .fingerprint import FINGERPRINT_KEY, check_fingerprint
+from .inputs import LossFn, label_column, logits_of, model_input_names, pad_rows, to_batch
+from .results import scores_dataset
+from .scorer import TurnoverScorer
+
+logger = logging.get_logger(__name__)
+
+Targets = datasets.Dataset | Sequence[Mapping[str, Any]] | Mapping[str, Any]
+
+
+def _show_progress(progress: bool | None) -> bool:
+    return logging.is_progress_bar_enabled() if progress is None else progress
+
+
+def training_ids(
+    model: nn.Module, train_dataset: datasets.Dataset | None, train_ids=None, check: bool = True
+) -> torch.Tensor:
+    """The ids to score: ``train_ids`` if given, else every id of ``train_dataset`` (checked by fingerprint)."""
+    id_column = model.turnover_config.id_column
+    if train_dataset is not None:
+        if id_column not in train_dataset.column_names:
+            raise ValueError(
+                f"train_dataset has no {id_column!r} column: it must be the set the model trained on."
+            )
+        if check:
+            check_fingerprint(getattr(model.config, FINGERPRINT_KEY, None), train_dataset, id_column)
+    if train_ids is None:
+        if train_dataset is None:
+            raise ValueError("Pass train_dataset (the training set) or train_ids (the ids to score).")
+        train_ids = train_dataset[id_column]
+    ids = as_instance_ids(
+        list(train_ids) if not isinstance(train_ids, torch.Tensor) else train_ids, id_column
+    )
+    if ids.numel() == 0:
+        raise ValueError("The training set is empty: there is no instance to score.")
+    return ids
+
+
+def _target_rows(targets: Targets) -> list[dict[str, Any]]:
+    if isinstance(targets, datasets.Dataset):
+        return [dict(r) for r in targets]
+    if isinstance(targets, Mapping):
+        return [dict(targets)]
+    return [dict(r) for r in targets]
+
+
+class _TargetPrep:
+    """Model inputs and labels of one row at a time; predicts the label when a row has none (and says so)."""
+
+    def __init__(self, scorer: TurnoverScorer, id_column: str):
+        self.scorer = scorer
+        self.names = model_input_names(scorer.model)
+        self.id_column = id_column
+        self.warned = False
+
+    def __call__(self, row: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        inputs = to_batch([row], self.names, self.scorer.device)
+        if not inputs:
+            raise ValueError(f"A target row has none of the model's inputs {self.names}; it has {list(row)}.")
+        column = label_column(list(row))
+        if column is not None and row[column] is not None:
+            return inputs, torch.as_tensor([row[column]], device=self.scorer.device)
+        if not self.warned:
+            logger.warning("Targets have no label: explaining the model's predicted label instead.")
+            self.warned = True
+        return inputs, predict(self.scorer, inputs).argmax(-1)
+
+
+@torch.inference_mode()
+def predict(scorer: TurnoverScorer, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of the full (unmasked) network."""
+    scorer.model.eval()
+    with scorer._autocast():
+        return logits_of(scorer.forward_fn(scorer.model, inputs)).float()
+
+
+def estimate_influence(
+    model: nn.Module,
+    train_dataset: datasets.Dataset | None,
+    targets: Targets,
+    *,
+    variant: str = "own",
+    train_ids: Sequence[int] | torch.Tensor | None = None,
+    top_k: int | None = None,
+    batch_size: int = 256,
+    loss_fn: LossFn | None = None,
+    forward_fn: Callable | None = None,
+    dtype: torch.dtype | None = None,
+    positions: Sequence[int] | str | None = "auto",
+    check_fingerprint: bool = True,
+    progress: bool | None = None,
+) -> datasets.Dataset:
+    """``I(z_t, z_i)`` for every training instance ``i`` and every target ``t``, by forward passes only.
+
+    ``I(z_t, z_i) = L(f^{flip(z_i)}, z_t) - L(f^{own(z_i)}, z_t)``: **positive means z_i helped z_t**.
+    ``variant="full"`` uses ``L(f^{flip(z_i)}, z_t) - L(f, z_t)`` (the paper's footnote 4).
+
+    Args:
+        model: a model with turn-over layers, on the device to score on.
+        train_dataset: the training set (its id column; checked against the model's recorded fingerprint).
+        targets: a dataset, a list of rows or one row with the model's input columns; a label column
+            (``labels``/``label``) if present, else the predicted label is explained; an id column if present,
+            else the row index is the target id.
+        train_ids: score only these training ids.
+        top_k: keep only the ``top_k`` most helpful and ``top_k`` most harmful instances per target.
+        batch_size: training ids per forward pass.
+        dtype: autocast dtype (e.g. ``torch.bfloat16``); ``None`` runs in the model's dtype.
+        positions: positions the loss reads (``"auto"``: ``[0]`` for [CLS]-pooled classifiers); when every
+            masked layer runs after the last attention, only these are computed there. ``None`` disables.
+
+    Returns:
+        A ``datasets.Dataset`` with columns ``target_id``, ``train_id``, ``score`` whose ``info.description``
+        records the arguments that produced it (see :func:`hf_turnover.combine_scores`).
+    """
+    scorer = TurnoverScorer(
+        model, variant=variant, batch_size=batch_size, loss_fn=loss_fn, forward_fn=forward_fn, dtype=dtype,
+        positions=positions,
+    )  # fmt: skip
+    ids = training_ids(model, train_dataset, train_ids, check_fingerprint)
+    rows = _target_rows(targets)
+    prep = _TargetPrep(scorer, scorer.config.id_column)
+    target_ids, train_out, scores = [], [], []
+    for index, row in enumerate(tqdm(rows, desc="Scoring targets", disable=not _show_progress(progress))):
+        inputs, labels = prep(row)
+        vector = scorer.score(inputs, labels, ids)  # (N,)
+        keep = _top_and_bottom(vector, top_k)
+        target_ids.append(np.full(len(keep), int(row.get(scorer.config.id_column, index)), dtype=np.int64))
+        train_out.append(ids[keep].numpy())
+        scores.append(vector[keep].numpy())
+    return scores_dataset(
+        {
+            "target_id": np.concatenate(target_ids),
+            "train_id": np.concatenate(train_out),
+            "score": np.concatenate(scores),
+        },
+        _arguments(model, scorer, "influence", ids, top_k),
+    )
+
+
+def _top_and_bottom(vector: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    if top_k is None or 2 * top_k >= len(vector):
+        return torch.argsort(vector, descending=True)
+    top = torch.topk(vector, top_k).indices
+    bottom = torch.topk(vector, top_k, largest=False).indices
+    return torch.cat([top, bottom.flip(0)])
+
+
+def _arguments(model: nn.Module, scorer: TurnoverScorer, kind: str, ids: torch.Tensor, top_k=None) -> dict:
+    recorded = getattr(model.config, FINGERPRINT_KEY, None) or {}
+    return {
+        "kind": kind,
+        "variant": scorer.variant,
+        "turnover": scorer.config.to_dict(),
+        "training_fingerprint": recorded.get("sha256"),
+        "num_train_ids": int(ids.numel()),
+        "top_k": top_k,
+        "loss": getattr(scorer.loss_fn, "__name__", type(scorer.loss_fn).__name__),
+        "dtype": str(scorer.dtype) if scorer.dtype else None,
+        "model": type(model).__name__,
+    }
+
+
+def mean_influence(
+    model: nn.Module,
+    train_dataset: datasets.Dataset | None,
+    targets: Targets,
+    *,
+    progress: bool | None = None,
+    **kwargs: Any,
+) -> datasets.Dataset:
+    """Mean of ``I(z_v, z_i)`` over the targets ``z_v`` (e.g. a validation set) for every training instance.
+
+    Memory is one running sum per training instance; the ``N x T`` matrix is never kept. Columns:
+    ``train_id``, ``score``. Used for data cleansing: drop the instances with the most negative mean.
+    """
+    check = kwargs.pop("check_fingerprint", True)
+    train_ids = kwargs.pop("train_ids", None)
+    scorer = TurnoverScorer(model, **kwargs)
+    ids = training_ids(model, train_dataset, train_ids, check)
+    rows = _target_rows(targets)
+    prep = _TargetPrep(scorer, scorer.config.id_column)
+    total = torch.zeros(len(ids), dtype=torch.float64)
+    for row in tqdm(rows, desc="Mean influence", disable=not _show_progress(progress)):
+        total += scorer.score(*prep(row), ids).double()
+    return scores_dataset(
+        {"train_id": ids.numpy(), "score": (total / len(rows)).float().numpy()},
+        {**_arguments(model, scorer, "mean_influence", ids), "num_targets": len(rows)},
+    )
+
+
+def self_influence(
+    model: nn.Module,
+    train_dataset: datasets.Dataset,
+    *,
+    batch_size: int = 64,
+    progress: bool | None = None,
+    **kwargs: Any,
+) -> datasets.Dataset:
+    """``I(z_i, z_i)`` for every training instance (the paper's Figure 7): high values flag instances the
+    model fits only through themselves (memorised, atypical or mislabelled). Columns: ``train_id``, ``score``.
+
+    ``train_dataset`` must hold the model inputs and labels (e.g. the tokenized training set).
+    """
+    check = kwargs.pop("check_fingerprint", True)
+    scorer = TurnoverScorer(model, batch_size=batch_size, **kwargs)
+    ids = training_ids(model, train_dataset, None, check)
+    names = model_input_names(model)
+    column = label_column(train_dataset.column_names)
+    if column is None:
+        raise ValueError(
+            f"Self-influence needs labels: train_dataset has no label column ({train_dataset.column_names})."
+        )
+    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+    scores = torch.empty(len(ids))
+    starts = range(0, len(ids), batch_size)
+    for start in tqdm(starts, desc="Self-influence", disable=not _show_progress(progress)):
+        batch = train_dataset[start : start + batch_size]
+        rows = pad_rows(
+            [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)],
+            names,
+            pad_id,
+        )
+        inputs = to_batch(rows, names, scorer.device)
+        labels = torch.as_tensor([r[column] for r in rows], device=scorer.device)
+        scores[start : start + len(rows)] = scorer.self_scores(inputs, labels, ids[start : start + len(rows)])
+    return scores_dataset(
+        {"train_id": ids.numpy(), "score": scores.numpy()}, _arguments(model, scorer, "self_influence", ids)
+    )

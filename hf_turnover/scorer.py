@@ -1,0 +1,109 @@
+"""Forward-only scoring of (target, training id) pairs under turn-over masks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack, nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from .context import turnover_context
+from .inputs import LossFn, logits_of, per_row_loss
+from .model import get_turnover_config, turnover_layers
+from .reuse import keep_positions, positionwise_entry, read_positions
+
+VARIANTS = ("own", "full")
+
+
+class TurnoverScorer:
+    """Losses of one input under many instances' masks, with the unmasked prefix computed once.
+
+    ``variant="own"`` scores ``L(flip) - L(own)`` (the paper's estimator); ``"full"`` scores ``L(flip) -
+    L(full)`` (its footnote 4). Positive: the training instance helped, i.e. the loss is lower with it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        variant: str = "own",
+        batch_size: int = 256,
+        loss_fn: LossFn | None = None,
+        forward_fn: Callable[[nn.Module, dict[str, torch.Tensor]], Any] | None = None,
+        dtype: torch.dtype | None = None,
+        positions: Sequence[int] | str | None = "auto",
+    ) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"variant={variant!r} is unknown; use 'own' (the paper) or 'full' (footnote 4).")
+        if not turnover_layers(model):
+            raise ValueError(
+                f"{type(model).__name__} has no turn-over layers, so there is no influence to read. Load a model "
+                "trained with TurnoverTrainer (hf_turnover.load_turnover(model) after from_pretrained)."
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.model = model
+        self.config = get_turnover_config(model)
+        self.variant = variant
+        self.batch_size = batch_size
+        self.loss_fn = loss_fn or per_row_loss
+        self.forward_fn = forward_fn or (lambda m, inputs: m(**inputs))
+        self.dtype = dtype
+        self.positions = read_positions(model) if positions == "auto" else positions
+        self.device = next(model.parameters()).device
+        self._entry_name: str | None | bool = False  # False: not probed yet
+
+    def _autocast(self):
+        if self.dtype is None or self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def losses(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, ids: torch.Tensor, mode: str):
+        """Per-row losses ``(len(ids),)``; ``inputs`` hold one row that broadcasts against the ids' masks."""
+        with turnover_context(ids, mode, broadcast=True), self._autocast():
+            loss = self.loss_fn(logits_of(self.forward_fn(self.model, inputs)), labels)
+        return loss.expand(len(ids)) if loss.numel() == 1 else loss
+
+    def row_losses(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, ids: torch.Tensor, mode: str):
+        """Per-row losses of a batch whose row ``r`` is the instance ``ids[r]`` (self-influence)."""
+        with turnover_context(ids, mode), self._autocast():
+            return self.loss_fn(logits_of(self.forward_fn(self.model, inputs)), labels)
+
+    @torch.inference_mode()
+    def score(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``I(target, z_i)`` for every id in ``ids`` (float32, on the CPU); ``inputs`` is one target row."""
+        self.model.eval()
+        scores = torch.empty(len(ids), dtype=torch.float32)
+        with ExitStack() as stack:
+            entry = self._entry(inputs)
+            if entry is not None:
+                length = next(v.shape[1] for v in inputs.values() if v.dim() >= 2)
+                stack.enter_context(keep_positions(self.model, entry, self.positions, length))
+            base = None
+            if self.variant == "full":
+                base = self.losses(inputs, labels, ids[:1], "full")
+            for start in range(0, len(ids), self.batch_size):
+                chunk = ids[start : start + self.batch_size]
+                flip = self.losses(inputs, labels, chunk, "flip")
+                other = base if base is not None else self.losses(inputs, labels, chunk, "own")
+                scores[start : start + len(chunk)] = (flip - other).float().cpu()
+        return scores
+
+    @torch.inference_mode()
+    def self_scores(
+        self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, ids: torch.Tensor
+    ) -> torch.Tensor:
+        """``I(z_i, z_i)`` for a batch of training rows, each under its own id."""
+        self.model.eval()
+        flip = self.row_losses(inputs, labels, ids, "flip")
+        other = self.row_losses(inputs, labels, ids, "full" if self.variant == "full" else "own")
+        return (flip - other).float().cpu()
+
+    def _entry(self, inputs: dict[str, torch.Tensor]) -> str | None:
+        if not self.positions or not any(v.dim() >= 2 for v in inputs.values()):
+            return None
+        if self._entry_name is False:  # the same for every input: probe once
+            self._entry_name = positionwise_entry(self.model, inputs, list(turnover_layers(self.model)))
+        return self._entry_name

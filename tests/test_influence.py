@@ -1,0 +1,220 @@
+"""The scoring engine equals a slow row-by-row reference, in every fast path."""
+
+import datasets
+import pytest
+import torch
+from conftest import make_tiny_bert, make_token_dataset
+
+from hf_turnover import (
+    TurnoverConfig,
+    combine_scores,
+    estimate_influence,
+    load_scores,
+    mean_influence,
+    save_scores,
+    score_arguments,
+    self_influence,
+    turnover_context,
+)
+from hf_turnover.inputs import per_row_loss
+from hf_turnover.reuse import positionwise_entry
+
+TOP_ONLY = TurnoverConfig(
+    target_modules=r"bert\.encoder\.layer\.1\..*adapter_down", head_modules="classifier"
+)
+
+
+def reference_scores(model, target, ids, variant="own"):
+    """Two explicit batch-1 forwards per training id."""
+    model.eval()
+    x = {k: torch.tensor([target[k]]) for k in ("input_ids", "attention_mask")}
+    y = torch.tensor([target["labels"]])
+    out = []
+    with torch.no_grad():
+        for i in ids:
+            with turnover_context([i], "flip"):
+                flip = per_row_loss(model(**x).logits, y)
+            with turnover_context([i], "own" if variant == "own" else "full"):
+                other = per_row_loss(model(**x).logits, y)
+            out.append((flip - other).item())
+    return torch.tensor(out)
+
+
+def _scores(result, target_id):
+    rows = result.filter(lambda r: r["target_id"] == target_id).sort("train_id")
+    return torch.tensor(rows["score"])
+
+
+@pytest.fixture(scope="module")
+def setup():
+    train = make_token_dataset(24, seed=1)
+    targets = make_token_dataset(3, seed=2).map(lambda r, i: {"instance_id": i}, with_indices=True)
+    # Padding in a target: the attention mask must broadcast too.
+    targets = targets.map(
+        lambda r, i: {"attention_mask": [1] * 6 + [0] * 2} if i == 0 else {}, with_indices=True
+    )
+    return train, targets
+
+
+@pytest.mark.parametrize("config", [TurnoverConfig(), TOP_ONLY], ids=["all_adapters", "top_layer"])
+@pytest.mark.parametrize("variant", ["own", "full"])
+def test_equals_row_by_row_reference(setup, config, variant):
+    train, targets = setup
+    model = make_tiny_bert(turnover=config)
+    result = estimate_influence(model, train, targets, variant=variant, batch_size=5, progress=False)
+    assert result.column_names == ["target_id", "train_id", "score"] and len(result) == 3 * 24
+    for t in range(3):
+        expected = reference_scores(model, targets[t], sorted(train["instance_id"]), variant)
+        torch.testing.assert_close(_scores(result, t), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_batch_size_does_not_change_scores(setup):
+    train, targets = setup
+    model = make_tiny_bert()
+    a = estimate_influence(model, train, targets, batch_size=1, progress=False)
+    b = estimate_influence(model, train, targets, batch_size=64, progress=False)
+    torch.testing.assert_close(_scores(a, 1), _scores(b, 1), atol=1e-6, rtol=1e-5)
+
+
+def test_position_slicing_is_used_and_equals_plain_path(setup):
+    train, targets = setup
+    model = make_tiny_bert(turnover=TOP_ONLY).eval()
+    x = {"input_ids": torch.tensor([targets[0]["input_ids"]])}
+    assert positionwise_entry(
+        model, x, ["bert.encoder.layer.1.attention.output.adapters.task.adapter_down"]
+    ) == ("bert.encoder.layer.1.attention.output")
+    sliced = estimate_influence(model, train, targets, progress=False)
+    plain = estimate_influence(model, train, targets, positions=None, progress=False)
+    torch.testing.assert_close(_scores(sliced, 0), _scores(plain, 0), atol=1e-5, rtol=1e-4)
+    # With every adapter masked the first masked layer is below the last attention: nothing to slice.
+    full_model = make_tiny_bert().eval()
+    assert (
+        positionwise_entry(
+            full_model, x, ["bert.encoder.layer.0.attention.output.adapters.task.adapter_down"]
+        )
+        is None
+    )
+
+
+def test_top_k_equals_top_k_of_full_matrix(setup):
+    train, targets = setup
+    model = make_tiny_bert()
+    full = estimate_influence(model, train, targets, progress=False)
+    top = estimate_influence(model, train, targets, top_k=3, progress=False)
+    for t in range(3):
+        scores = full.filter(lambda r, t=t: r["target_id"] == t)
+        order = sorted(zip(scores["score"], scores["train_id"], strict=True), reverse=True)
+        expected = [i for _, i in order[:3]] + [i for _, i in order[-3:]]
+        assert top.filter(lambda r, t=t: r["target_id"] == t)["train_id"] == expected
+    assert score_arguments(top)["top_k"] == 3
+
+
+def test_train_id_subset(setup):
+    train, targets = setup
+    model = make_tiny_bert()
+    subset = estimate_influence(model, train, targets.select([0]), train_ids=[105, 101], progress=False)
+    torch.testing.assert_close(
+        _scores(subset, 0), reference_scores(model, targets[0], [101, 105]), atol=1e-5, rtol=1e-4
+    )
+
+
+def test_self_influence_equals_estimate_on_itself(setup):
+    train, _ = setup
+    model = make_tiny_bert()
+    own = self_influence(model, train, batch_size=7, progress=False)
+    assert own["train_id"] == train["instance_id"]
+    for row in (0, 9, 23):
+        single = estimate_influence(
+            model, train, train.select([row]), train_ids=[train[row]["instance_id"]], progress=False
+        )
+        assert single["score"][0] == pytest.approx(own["score"][row], abs=1e-5)
+
+
+def test_self_influence_pads_rows_of_different_lengths():
+    model = make_tiny_bert()
+    train = datasets.Dataset.from_dict(
+        {"input_ids": [[5, 6, 7], [8, 9, 10, 11, 12]], "labels": [0, 1], "instance_id": [0, 1]}
+    )
+    padded = self_influence(model, train, batch_size=2, progress=False)["score"]
+    alone = [
+        self_influence(model, train.select([i]), batch_size=1, progress=False)["score"][0] for i in (0, 1)
+    ]
+    assert padded == pytest.approx(alone, abs=1e-5)
+
+
+def test_mean_influence_is_mean_over_targets(setup):
+    train, targets = setup
+    model = make_tiny_bert()
+    full = estimate_influence(model, train, targets, progress=False)
+    mean = mean_influence(model, train, targets, progress=False)
+    expected = torch.stack([_scores(full, t) for t in range(3)]).mean(0)
+    torch.testing.assert_close(torch.tensor(mean["score"]), expected, atol=1e-6, rtol=1e-5)
+    assert score_arguments(mean)["num_targets"] == 3
+
+
+def test_unlabelled_targets_explain_the_predicted_label(setup, caplog):
+    train, targets = setup
+    model = make_tiny_bert().eval()
+    with torch.no_grad():
+        predicted = model(input_ids=torch.tensor([targets[1]["input_ids"]])).logits.argmax(-1).item()
+    unlabelled = estimate_influence(
+        model, train, targets.select([1]).remove_columns("labels"), progress=False
+    )
+    labelled = estimate_influence(
+        model, train, targets.select([1]).map(lambda r: {"labels": predicted}), progress=False
+    )
+    assert unlabelled["score"] == labelled["score"]
+
+
+def test_save_load_and_combine(tmp_path, setup):
+    train, targets = setup
+    model = make_tiny_bert()
+    a = estimate_influence(model, train, targets.select([0]), progress=False)
+    b = estimate_influence(model, train, targets.select([1]), progress=False)
+    path = save_scores(a, tmp_path / "a.parquet")
+    loaded = load_scores(path)
+    assert loaded["score"] == a["score"] and score_arguments(loaded) == score_arguments(a)
+    assert len(combine_scores([loaded, b])) == len(a) + len(b)
+    other = estimate_influence(model, train, targets.select([1]), variant="full", progress=False)
+    with pytest.raises(ValueError, match=r"different arguments.*\['variant'\]"):
+        combine_scores([a, other])
+
+
+def test_bfloat16_autocast_scores_close_to_float32(setup):
+    train, targets = setup
+    model = make_tiny_bert()
+    f32 = estimate_influence(model, train, targets.select([0]), progress=False)
+    bf16 = estimate_influence(model, train, targets.select([0]), dtype=torch.bfloat16, progress=False)
+    assert torch.corrcoef(torch.tensor([f32["score"], bf16["score"]]))[0, 1] > 0.95
+
+
+def test_errors(setup):
+    train, targets = setup
+    model = make_tiny_bert()
+    with pytest.raises(ValueError, match="training set is empty"):
+        estimate_influence(model, train.select([]), targets, progress=False)
+    with pytest.raises(ValueError, match="has no turn-over layers"):
+        estimate_influence(make_tiny_bert(turnover=False), train, targets, progress=False)
+    with pytest.raises(ValueError, match="variant='both' is unknown"):
+        estimate_influence(model, train, targets, variant="both", progress=False)
+    with pytest.raises(ValueError, match="train_dataset has no 'instance_id' column"):
+        estimate_influence(model, train.remove_columns("instance_id"), targets, progress=False)
+
+
+def test_trainer_records_fingerprint_and_scoring_refuses_another_set(tmp_path, setup):
+    from test_trainer import _args
+
+    from hf_turnover import TurnoverTrainer
+
+    train, targets = setup
+    model = make_tiny_bert()
+    TurnoverTrainer(model, _args(tmp_path), train_dataset=train).train()
+    assert model.config.turnover_training["num_instances"] == 24
+    estimate_influence(
+        model, train.shuffle(seed=0), targets.select([0]), progress=False
+    )  # order does not matter
+    changed = train.map(lambda r: {"labels": 1 - r["labels"]} if r["instance_id"] == 103 else {})
+    with pytest.raises(ValueError, match="is not the one the model was trained on"):
+        estimate_influence(model, changed, targets, progress=False)
+    with pytest.raises(ValueError, match="is not the one the model was trained on"):
+        self_influence(model, train.select(range(23)), progress=False)
