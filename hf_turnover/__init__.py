@@ -2,15 +2,19 @@
 
 from .config import TurnoverConfig
 from .context import turnover_context
+from .curves import LearningCurveCallback
+from .explain import explain_prediction
 from .fingerprint import training_fingerprint
 from .influence import estimate_influence, mean_influence, self_influence
 from .model import add_turnover, get_turnover_config, load_turnover, remove_turnover, turnover_layers
+from .plots import plot_learning_curves, plot_self_influence
 from .results import combine_scores, load_scores, push_scores, save_scores, score_arguments
 from .trainer import TurnoverCollator, TurnoverTrainer, TurnoverTrainingArguments
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LearningCurveCallback",
     "TurnoverCollator",
     "TurnoverConfig",
     "TurnoverTrainer",
@@ -18,8 +22,11 @@ __all__ = [
     "add_turnover",
     "combine_scores",
     "estimate_influence",
+    "explain_prediction",
     "load_scores",
     "mean_influence",
+    "plot_learning_curves",
+    "plot_self_influence",
     "push_scores",
     "save_scores",
     "score_arguments",

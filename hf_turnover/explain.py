@@ -1,0 +1,88 @@
+"""Explaining one prediction by its most influential training instances (the paper's Figures 3-5)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import datasets
+import torch
+from torch import nn
+
+from .influence import predict, training_ids
+from .inputs import label_column, model_input_names, to_batch
+from .scorer import TurnoverScorer
+
+TEXT_COLUMNS = ("sentence", "text")
+
+
+def explain_prediction(
+    model: nn.Module,
+    train_dataset: datasets.Dataset,
+    target: Mapping[str, Any],
+    *,
+    top_k: int = 5,
+    restrict_to_label: bool | int | None = None,
+    text_column: str | None = None,
+    check_fingerprint: bool = True,
+    progress: bool | None = None,
+    **scorer_kwargs: Any,
+) -> dict[str, Any]:
+    """The training instances that most supported, and most opposed, the model's prediction on ``target``.
+
+    The explained label is the model's prediction (full network). ``helpful`` holds the ``top_k`` instances
+    with the largest ``I(target, z_i)`` for that label (positive: z_i pushed the model towards it), ``harmful``
+    the ``top_k`` most negative. ``restrict_to_label=True`` keeps only training instances carrying the
+    predicted label (for a wrong prediction: the paper's "influential instances with the error label"); an int
+    keeps instances with that label.
+
+    Returns ``{"prediction": {"label", "score"}, "true_label", "label_used", "label_source", "helpful",
+    "harmful"}``; each instance is ``{"train_id", "row", "text", "label", "score"}`` (``row`` indexes
+    ``train_dataset``, e.g. to fetch an image).
+    """
+    scorer = TurnoverScorer(model, **scorer_kwargs)
+    inputs = to_batch([target], model_input_names(model), scorer.device)
+    probabilities = predict(scorer, inputs).softmax(-1)[0]
+    predicted = int(probabilities.argmax())
+    labels = label_column(train_dataset.column_names)
+    candidates = _candidates(
+        train_dataset, labels, predicted if restrict_to_label is True else restrict_to_label
+    )
+    ids = training_ids(model, train_dataset, None, check_fingerprint)[candidates]
+    if ids.numel() == 0:
+        raise ValueError(
+            f"No training instance carries label {restrict_to_label!r}: nothing to explain with."
+        )
+    scores = scorer.score(inputs, torch.tensor([predicted], device=scorer.device), ids)
+    order = torch.argsort(scores, descending=True)
+    text_column = text_column or next((c for c in TEXT_COLUMNS if c in train_dataset.column_names), None)
+
+    def describe(position: int) -> dict[str, Any]:
+        row = int(candidates[position])
+        return {
+            "train_id": int(ids[position]),
+            "row": row,
+            "text": train_dataset[row][text_column] if text_column else None,
+            "label": train_dataset[row][labels] if labels else None,
+            "score": float(scores[position]),
+        }
+
+    k = min(top_k, len(order))
+    true_label = next((target[c] for c in ("labels", "label") if target.get(c) is not None), None)
+    return {
+        "prediction": {"label": predicted, "score": float(probabilities[predicted])},
+        "true_label": true_label,
+        "label_used": predicted,
+        "label_source": "predicted",
+        "helpful": [describe(int(i)) for i in order[:k]],
+        "harmful": [describe(int(i)) for i in order.flip(0)[:k]],
+    }
+
+
+def _candidates(train_dataset: datasets.Dataset, labels: str | None, label: int | None) -> torch.Tensor:
+    """Row indices of the training instances to consider."""
+    if label is None or label is False:
+        return torch.arange(len(train_dataset))
+    if labels is None:
+        raise ValueError("restrict_to_label needs a label column in train_dataset (labels or label).")
+    return torch.tensor([i for i, y in enumerate(train_dataset[labels]) if y == label], dtype=torch.long)

@@ -1,0 +1,84 @@
+"""Explanations, learning curves and figures."""
+
+import pytest
+import torch
+from conftest import make_tiny_bert, make_token_dataset
+from test_trainer import _args
+
+from hf_turnover import (
+    LearningCurveCallback,
+    TurnoverTrainer,
+    estimate_influence,
+    explain_prediction,
+    plot_learning_curves,
+    plot_self_influence,
+    self_influence,
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    train = make_token_dataset(20, seed=3).map(lambda r, i: {"sentence": f"sentence {i}"}, with_indices=True)
+    model = make_tiny_bert()
+    callback = LearningCurveCallback(
+        train.select(range(8)), eval_dataset=make_token_dataset(6), every_n_steps=2
+    )
+    args = _args(tmp_path_factory.mktemp("run"), num_train_epochs=2)
+    trainer = TurnoverTrainer(model, args, train_dataset=train, callbacks=[callback])
+    trainer.train()
+    return model, train, trainer
+
+
+def test_explanation_ranks_by_influence_on_the_predicted_label(trained):
+    model, train, _ = trained
+    target = {k: v for k, v in make_token_dataset(1, seed=9)[0].items() if k != "instance_id"}
+    out = explain_prediction(model, train, target, top_k=3)
+    with torch.no_grad():
+        predicted = model(input_ids=torch.tensor([target["input_ids"]])).logits.argmax(-1).item()
+    assert out["prediction"]["label"] == predicted == out["label_used"]
+    assert 0.5 <= out["prediction"]["score"] <= 1 and out["true_label"] == target["labels"]
+    # The same ranking estimate_influence gives for the predicted label.
+    full = estimate_influence(model, train, [{**target, "labels": predicted}], progress=False)
+    assert [h["train_id"] for h in out["helpful"]] == full["train_id"][:3]
+    assert [h["train_id"] for h in out["harmful"]] == full["train_id"][::-1][:3]
+    first = out["helpful"][0]
+    assert (
+        first["text"] == train[first["row"]]["sentence"] and first["label"] == train[first["row"]]["labels"]
+    )
+    assert out["helpful"][0]["score"] >= out["helpful"][-1]["score"] >= out["harmful"][-1]["score"]
+
+
+def test_explanation_restricted_to_the_error_label(trained):
+    model, train, _ = trained
+    target = {k: v for k, v in make_token_dataset(1, seed=9)[0].items() if k != "instance_id"}
+    out = explain_prediction(model, train, target, top_k=20, restrict_to_label=True)
+    labels = {h["label"] for h in out["helpful"] + out["harmful"]}
+    assert labels == {out["prediction"]["label"]}
+    assert len(out["helpful"]) == sum(y == out["prediction"]["label"] for y in train["labels"])
+    with pytest.raises(ValueError, match="No training instance carries label 7"):
+        explain_prediction(model, train, target, restrict_to_label=7)
+
+
+def test_learning_curves_are_logged_and_plotted(trained, tmp_path):
+    _, _, trainer = trained
+    entries = [e for e in trainer.state.log_history if "turnover_own_loss" in e]
+    assert [e["step"] for e in entries] == [2, 4, 6, 8, 10]
+    for e in entries:
+        assert e["turnover_own_loss"] > 0 and e["turnover_flip_loss"] > 0 and e["turnover_eval_loss"] > 0
+    # Training lowers the own-mask loss of the instances it trained on more than their flipped-mask loss.
+    first, last = entries[0], entries[-1]
+    assert (
+        last["turnover_own_loss"] - first["turnover_own_loss"]
+        < last["turnover_flip_loss"] - first["turnover_flip_loss"]
+    )
+    png = plot_learning_curves(trainer.state.log_history, tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_self_influence_histogram(trained, tmp_path):
+    model, train, _ = trained
+    scores = self_influence(model, train, progress=False)
+    png = plot_self_influence(scores, tmp_path / "hist.png")
+    assert png.stat().st_size > 1000
+    # Trained instances are fitted better by their own sub-network: positive mean self-influence.
+    assert sum(scores["score"]) / len(scores) > 0
