@@ -185,3 +185,18 @@ def test_turnover_config_argument_patches_the_model(tmp_path):
     )
     assert trainer.turnover_config.p == 0.25
     trainer.train()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"bf16": True}, {"gradient_checkpointing": True}],
+    ids=["bf16_autocast", "gradient_checkpointing"],
+)
+def test_mixed_precision_and_gradient_checkpointing(tmp_path, extra):
+    model = make_tiny_bert()
+    calls = _spy(model)  # checks every masked row against its own id, in bf16 too
+    TurnoverTrainer(model, _args(tmp_path, **extra), train_dataset=make_token_dataset(8)).train()
+    own = [ids for mode, ids in calls if mode == "own"]
+    # Checkpointing re-runs each forward during backward: the recomputation sees the same ids and masks.
+    repeats = 2 if "gradient_checkpointing" in extra else 1
+    assert sorted(i for ids in own for i in ids) == sorted(list(range(100, 108)) * repeats)
