@@ -3,6 +3,7 @@
 from .config import TurnoverConfig
 from .context import turnover_context
 from .curves import LearningCurveCallback
+from .evaluation import load_faithfulness_metric, random_half_subsets, score_matrix
 from .explain import explain_prediction
 from .fingerprint import training_fingerprint
 from .influence import estimate_influence, mean_influence, self_influence
@@ -10,6 +11,7 @@ from .model import add_turnover, get_turnover_config, load_turnover, remove_turn
 from .plots import plot_learning_curves, plot_self_influence
 from .results import combine_scores, load_scores, push_scores, save_scores, score_arguments
 from .trainer import TurnoverCollator, TurnoverTrainer, TurnoverTrainingArguments
+from .variants import average_scores, ensemble_influence
 
 __version__ = "0.1.0"
 
@@ -20,6 +22,11 @@ __all__ = [
     "TurnoverTrainer",
     "TurnoverTrainingArguments",
     "add_turnover",
+    "average_scores",
+    "ensemble_influence",
+    "load_faithfulness_metric",
+    "random_half_subsets",
+    "score_matrix",
     "combine_scores",
     "estimate_influence",
     "explain_prediction",
