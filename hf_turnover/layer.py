@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from torch import nn
 
 from .config import TurnoverConfig
-from .context import current_state
+from .context import TurnoverState, current_state
 from .masks import keep_bits, mask_values
 
 _CHANNEL_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_PAIRED: ContextVar[bool] = ContextVar("turnover_paired", default=False)
+
+
+@contextmanager
+def paired_own_flip() -> Iterator[None]:
+    """Inside ``turnover_context(ids, "own")``: rows ``[0, B)`` run the own masks of ``ids`` and rows
+    ``[B, 2B)`` their flipped masks, so one forward of ``2B`` rows gives both losses of an influence score.
+
+    With ``broadcast=True`` a batch-1 input expands to ``2B`` rows at the first masked layer. The masks' hash
+    runs once for both halves, and the layers below the first masked one run once for both.
+    """
+    token = _PAIRED.set(True)
+    try:
+        yield
+    finally:
+        _PAIRED.reset(token)
 
 
 class TurnoverHook:
@@ -40,28 +60,39 @@ class TurnoverHook:
             return x
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"Turn-over layer {self.name!r} got a {type(x).__name__}, expected a tensor.")
-        n, rows = state.ids.numel(), x.shape[0]
+        paired = state.mode == "own" and _PAIRED.get()
+        n, rows = state.ids.numel() * (2 if paired else 1), x.shape[0]
         if rows != n and not (state.broadcast and rows == 1):
             raise RuntimeError(
-                f"Turn-over layer {self.name!r} got {rows} rows but {n} instance ids. Something changed the "
-                "batch size between the input and this layer (an adapter composition such as Parallel that "
-                "replicates the batch?); turn-over masks need one id per row."
+                f"Turn-over layer {self.name!r} got {rows} rows but {n} instance ids"
+                f"{' (own and flipped halves)' if paired else ''}. Something changed the batch size between "
+                "the input and this layer (an adapter composition such as Parallel that replicates the "
+                "batch?); turn-over masks need one id per row."
             )
-        width = x.shape[self.unit_dim]
+        values = self._values(state, x.shape[self.unit_dim], x.device, x.dtype, paired)  # (n, d)
+        shape = [n] + [1] * (x.dim() - 1)
+        shape[self.unit_dim] = values.shape[1]
+        return x * values.view(shape)
+
+    def _values(
+        self, state: TurnoverState, width: int, device: torch.device, dtype: torch.dtype, paired: bool
+    ) -> torch.Tensor:
+        config = self.config
         bits = keep_bits(
-            state.ids.to(x.device),
+            state.ids.to(device),
             width,
             self.name,
-            p=self.config.p,
-            seed=self.config.seed,
-            scheme=self.config.scheme,
-            codebook_size=self.config.codebook_size,
-            codebook_k=self.config.codebook_k,
-        )  # (n, d)
-        values = mask_values(bits, state.mode, self.config.p, x.dtype)
-        shape = [n] + [1] * (x.dim() - 1)
-        shape[self.unit_dim] = width
-        return x * values.view(shape)
+            p=config.p,
+            seed=config.seed,
+            scheme=config.scheme,
+            codebook_size=config.codebook_size,
+            codebook_k=config.codebook_k,
+        )  # (B, d)
+        if paired:
+            return torch.cat(
+                [mask_values(bits, "own", config.p, dtype), mask_values(bits, "flip", config.p, dtype)]
+            )
+        return mask_values(bits, state.mode, config.p, dtype)
 
     def forward_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         return self.apply(module, output)

@@ -38,6 +38,7 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _MUL1 = 0xBF58476D1CE4E5B9
 _MUL2 = 0x94D049BB133111EB
 _UNIFORM_BITS = 53
+_CPU_BLOCK = 1 << 15  # int64 hash elements per block on CPU: 256 KiB temporaries stay in L2
 
 
 def _signed(value: int) -> int:
@@ -56,6 +57,13 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     x = (x ^ _shr(x, 30)) * _signed(_MUL1)
     x = (x ^ _shr(x, 27)) * _signed(_MUL2)
     return x ^ _shr(x, 31)
+
+
+def _mix_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_mix` in place: the same bits with one temporary instead of eight new tensors."""
+    x.bitwise_xor_(_shr(x, 30)).mul_(_signed(_MUL1))
+    x.bitwise_xor_(_shr(x, 27)).mul_(_signed(_MUL2))
+    return x.bitwise_xor_(_shr(x, 31))
 
 
 def _mix_int(x: int) -> int:
@@ -93,8 +101,15 @@ def _unit_counters(width: int, device: torch.device) -> torch.Tensor:
 def hash_keep_bits(ids: torch.Tensor, width: int, key: int, p: float) -> torch.Tensor:
     """Keep-bits (B, d) from one counter-based hash per (id, unit)."""
     rows = _row_keys(ids, key)  # (B,)
-    hashed = _mix(rows[:, None] + _unit_counters(width, ids.device)[None, :])  # (B, d)
-    return _uniform53(hashed) < _threshold(p)
+    counters = _unit_counters(width, ids.device)  # (d,)
+    bits = torch.empty(len(ids), width, dtype=torch.bool, device=ids.device)
+    # The hash is ~15 elementwise int64 passes: on CPU, blocks of rows keep them in cache (about 2x faster
+    # than whole-batch temporaries); on accelerators one block avoids extra launches.
+    step = max(1, _CPU_BLOCK // max(width, 1)) if ids.device.type == "cpu" else max(len(ids), 1)
+    for start in range(0, len(ids), step):
+        hashed = _mix_(rows[start : start + step, None] + counters[None, :])  # (b, d)
+        torch.lt(_uniform53(hashed), _threshold(p), out=bits[start : start + step])
+    return bits
 
 
 def codebook_keep_bits(ids: torch.Tensor, width: int, key: int, p: float, size: int, k: int) -> torch.Tensor:
@@ -112,7 +127,10 @@ def codebook_keep_bits(ids: torch.Tensor, width: int, key: int, p: float, size: 
     slots = torch.arange(k, dtype=torch.int64, device=ids.device)
     picks = _uniform53(_mix(_row_keys(ids, key)[:, None] + slots[None, :] * _signed(_GOLDEN))) % group
     picks = picks + slots[None, :] * group  # (B, k), pick r lies in group r
-    return codebook[picks].all(dim=1)  # (B, k, d) -> (B, d)
+    bits = codebook[picks[:, 0]]  # (B, d)
+    for slot in range(1, k):  # AND in place: B x d bits of memory, not B x k x d
+        bits &= codebook[picks[:, slot]]
+    return bits
 
 
 def keep_bits(
@@ -141,9 +159,9 @@ def keep_bits(
 def mask_values(bits: torch.Tensor, mode: str, p: float, dtype: torch.dtype) -> torch.Tensor | None:
     """Multiplicative mask for ``mode``: ``b/p`` (own), ``(1-b)/(1-p)`` (flip), ``None`` (full)."""
     if mode == "own":
-        return bits.to(dtype) * (1.0 / p)
+        return bits.to(dtype).mul_(1.0 / p)
     if mode == "flip":
-        return (~bits).to(dtype) * (1.0 / (1.0 - p))
+        return (~bits).to(dtype).mul_(1.0 / (1.0 - p))
     if mode == "full":
         return None
     raise ValueError(f"Unknown mask mode {mode!r}; use one of {MASK_MODES}.")

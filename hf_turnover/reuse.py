@@ -7,14 +7,21 @@ broadcast=True)``), so the unmasked prefix runs once per forward, not ``B`` time
 When every masked layer runs after the last attention, the rest of the network is position-wise and only the
 positions the loss reads are needed: :func:`positionwise_entry` finds the outermost module there, and
 :func:`keep_positions` slices its inputs to those positions.
+
+Across the forwards of one target (one per chunk of ids) the unmasked prefix is the same: :class:`PrefixCache`
+records it in the first forward and replays it in the others, so only the masked part runs per chunk.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
+from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 # Sequence classifiers that read the first position (the [CLS] pooler) and nothing else.
@@ -85,12 +92,14 @@ def positionwise_entry(
 @contextmanager
 def keep_positions(model: nn.Module, entry: str, positions: Sequence[int], length: int) -> Iterator[None]:
     """Slice every ``(B, length, ...)`` tensor argument of module ``entry`` to ``positions`` (dim 1)."""
-    index = torch.tensor(list(positions))
+    index = {torch.device("cpu"): torch.tensor(list(positions))}  # per device: one copy, not one per forward
 
     def hook(module, args, kwargs):
         def cut(x):
             if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] == length:
-                return x.index_select(1, index.to(x.device))
+                if x.device not in index:
+                    index[x.device] = index[torch.device("cpu")].to(x.device)
+                return x.index_select(1, index[x.device])
             return x
 
         return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
@@ -100,3 +109,81 @@ def keep_positions(model: nn.Module, entry: str, positions: Sequence[int], lengt
         yield
     finally:
         handle.remove()
+
+
+def _replayed(output: Any, *args: Any, **kwargs: Any) -> Any:
+    # A fresh copy each time: code after the module may modify its output in place.
+    return pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, output)
+
+
+def _ancestors(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _plain(value: Any) -> bool:
+    return isinstance(value, (torch.Tensor, int, float, bool, str, type(None)))
+
+
+class PrefixCache:
+    """Outputs of the modules that finish before the first masked module starts, for one input.
+
+    :meth:`record` wraps one forward and keeps those outputs; :meth:`replay` wraps later forwards on the same
+    input and makes those modules return the kept outputs without computing. Only the outermost such modules
+    are replayed, and never one that is called more than once per forward, carries hooks of its own, has a
+    patched ``forward``, or returns anything but tensors (a cache object would miss its updates).
+    """
+
+    def __init__(self, model: nn.Module, masked: Sequence[str]) -> None:
+        self.model = model
+        self.masked = set(masked)
+        self.outputs: dict[str, Any] = {}
+
+    @contextmanager
+    def record(self) -> Iterator[None]:
+        """Record the prefix outputs of the forward run inside this context."""
+        calls: Counter[str] = Counter()
+        outputs: dict[str, Any] = {}
+        started = [False]
+
+        def pre(module, args, name):
+            calls[name] += 1
+            started[0] = started[0] or name in self.masked
+
+        def post(module, args, output, name):
+            if not started[0]:
+                outputs[name] = output
+
+        candidates = {n: m for n, m in self.model.named_modules() if n and self._replayable(m)}
+        handles = [
+            m.register_forward_pre_hook(partial(pre, name=n)) for n, m in self.model.named_modules() if n
+        ]
+        handles += [m.register_forward_hook(partial(post, name=n)) for n, m in candidates.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        kept = {
+            n: o
+            for n, o in outputs.items()
+            if n in candidates and calls[n] == 1 and all(_plain(v) for v in pytree.tree_leaves(o))
+        }
+        self.outputs = {n: o for n, o in kept.items() if not any(a in kept for a in _ancestors(n))}
+
+    @staticmethod
+    def _replayable(module: nn.Module) -> bool:
+        hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks)
+        return not any(hooks) and "forward" not in module.__dict__
+
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        """Run the model with the recorded modules returning their recorded outputs."""
+        modules = dict(self.model.named_modules())
+        try:
+            for name, output in self.outputs.items():
+                modules[name].forward = partial(_replayed, output)  # shadows the class's forward
+            yield
+        finally:
+            for name in self.outputs:
+                modules[name].__dict__.pop("forward", None)

@@ -8,11 +8,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from .context import turnover_context
 from .inputs import LossFn, logits_of, per_row_loss
+from .layer import paired_own_flip
 from .model import get_turnover_config, turnover_layers
-from .reuse import keep_positions, positionwise_entry, read_positions
+from .reuse import PrefixCache, keep_positions, positionwise_entry, read_positions
+
+logger = logging.get_logger(__name__)
 
 VARIANTS = ("own", "full")
 
@@ -34,6 +38,7 @@ class TurnoverScorer:
         forward_fn: Callable[[nn.Module, dict[str, torch.Tensor]], Any] | None = None,
         dtype: torch.dtype | None = None,
         positions: Sequence[int] | str | None = "auto",
+        reuse_prefix: bool = True,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant={variant!r} is unknown; use 'own' (the paper) or 'full' (footnote 4).")
@@ -54,6 +59,9 @@ class TurnoverScorer:
         self.positions = read_positions(model) if positions == "auto" else positions
         self.device = next(model.parameters()).device
         self._entry_name: str | None | bool = False  # False: not probed yet
+        # Record the unmasked prefix in a target's first chunk and replay it in the others (checked once).
+        self.reuse_prefix = reuse_prefix
+        self._prefix_checked = False
 
     def _autocast(self):
         if self.dtype is None or self.dtype == torch.float32:
@@ -66,6 +74,12 @@ class TurnoverScorer:
             loss = self.loss_fn(logits_of(self.forward_fn(self.model, inputs)), labels)
         return loss.expand(len(ids)) if loss.numel() == 1 else loss
 
+    def paired_losses(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, ids: torch.Tensor):
+        """Own and flipped losses ``(2, len(ids))`` from one forward of ``2 * len(ids)`` rows."""
+        with turnover_context(ids, "own", broadcast=True), paired_own_flip(), self._autocast():
+            loss = self.loss_fn(logits_of(self.forward_fn(self.model, inputs)), labels)
+        return (loss.expand(2 * len(ids)) if loss.numel() == 1 else loss).view(2, len(ids))
+
     def row_losses(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, ids: torch.Tensor, mode: str):
         """Per-row losses of a batch whose row ``r`` is the instance ``ids[r]`` (self-influence)."""
         with turnover_context(ids, mode), self._autocast():
@@ -75,7 +89,8 @@ class TurnoverScorer:
     def score(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``I(target, z_i)`` for every id in ``ids`` (float32, on the CPU); ``inputs`` is one target row."""
         self.model.eval()
-        scores = torch.empty(len(ids), dtype=torch.float32)
+        ids = ids.to(self.device)  # once: a host id tensor would be copied to the device in every layer
+        scores = torch.empty(len(ids), dtype=torch.float32, device=self.device)
         with ExitStack() as stack:
             entry = self._entry(inputs)
             if entry is not None:
@@ -84,12 +99,41 @@ class TurnoverScorer:
             base = None
             if self.variant == "full":
                 base = self.losses(inputs, labels, ids[:1], "full")
+            prefix = None
+            if self.reuse_prefix and len(ids) > self.batch_size:
+                prefix = PrefixCache(self.model, list(turnover_layers(self.model)))
             for start in range(0, len(ids), self.batch_size):
                 chunk = ids[start : start + self.batch_size]
-                flip = self.losses(inputs, labels, chunk, "flip")
-                other = base if base is not None else self.losses(inputs, labels, chunk, "own")
-                scores[start : start + len(chunk)] = (flip - other).float().cpu()
-        return scores
+                if prefix is None:
+                    scores[start : start + len(chunk)] = self._chunk(inputs, labels, chunk, base)
+                    continue
+                with prefix.replay() if start else prefix.record():
+                    scores[start : start + len(chunk)] = self._chunk(inputs, labels, chunk, base)
+                if not start and not self._prefix_checked:
+                    prefix = self._check_prefix(prefix, inputs, labels, chunk, base, scores[: len(chunk)])
+        return scores.cpu()
+
+    def _chunk(self, inputs, labels, chunk: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+        if base is None:  # own and flip in one forward: the hash and the prefix run once
+            own, flip = self.paired_losses(inputs, labels, chunk)
+        else:
+            own, flip = base, self.losses(inputs, labels, chunk, "flip")
+        return (flip - own).float()
+
+    def _check_prefix(self, prefix: PrefixCache, inputs, labels, chunk, base, expected) -> PrefixCache | None:
+        """Replay once against the recorded forward; a model whose prefix has side effects falls back."""
+        with prefix.replay():
+            replayed = self._chunk(inputs, labels, chunk, base)
+        self._prefix_checked = True
+        if torch.allclose(replayed, expected, rtol=1e-4, atol=1e-5):
+            return prefix
+        self.reuse_prefix = False
+        logger.warning(
+            f"{type(self.model).__name__}: replaying the layers below the first masked one changed the scores "
+            f"(max difference {float((replayed - expected).abs().max()):.3g}); they are recomputed for every "
+            "chunk from now on (slower, same scores)."
+        )
+        return None
 
     @torch.inference_mode()
     def self_scores(

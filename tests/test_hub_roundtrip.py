@@ -1,0 +1,127 @@
+"""Hub round trip against the local TEST DOUBLE (tests/hub_double.py): push the model, the pipeline and influence
+results; load them back in a fresh process without hf_turnover; same scores. Plus a real-Hub test that runs only
+when HF_TOKEN is set (it creates a private repo and deletes it).
+
+huggingface_hub reads HF_ENDPOINT at import time, so pushing and loading run in subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import pytest
+from hub_fixtures import make_trained, run_fresh
+
+try:
+    from tests.hub_double import HubDouble
+except ImportError:  # pytest put tests/ itself on sys.path
+    from hub_double import HubDouble  # type: ignore[no-redef]
+
+from hf_turnover import estimate_influence, save_scores
+from hf_turnover.hub import save_turnover_model
+from hf_turnover.pipeline_turnover import InfluencePipeline
+
+TEXTS = ["w1 w2 w3", "w12 w14 w16 w2"]
+
+PUSH = """
+import json, sys
+from hf_turnover import load_scores, push_scores
+from hf_turnover.hub import push_turnover_model
+from hf_turnover.modeling_turnover import TurnoverBertForSequenceClassification
+from hf_turnover.pipeline_turnover import InfluencePipeline
+from hf_turnover.training_set import load_training_set
+from transformers import AutoTokenizer
+
+folder, model_repo, pipe_repo, scores_repo, scores_file = sys.argv[1:6]
+model = TurnoverBertForSequenceClassification.from_pretrained(folder)
+tokenizer = AutoTokenizer.from_pretrained(folder)
+train = load_training_set(folder, model.config.turnover_training)
+push_turnover_model(model, model_repo, tokenizer=tokenizer, train_dataset=train, card={"accuracy": 0.5}, private=True)
+InfluencePipeline(model=model, tokenizer=tokenizer, train_dataset=train).push_to_hub(pipe_repo, private=True)
+push_scores(load_scores(scores_file), scores_repo, private=True)
+print(json.dumps({"ok": True}))
+"""
+
+LOAD = """
+import json, sys
+import datasets
+from huggingface_hub import HfApi, hf_hub_download
+from transformers import AutoModelForSequenceClassification, pipeline
+
+model_repo, pipe_repo, scores_repo, texts, target = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), json.loads(sys.argv[5])
+out = {"files": sorted(HfApi().list_repo_files(model_repo))}
+out["from_model_repo"] = pipeline(model=model_repo, trust_remote_code=True)(texts, top_k=3)
+out["from_pipe_repo"] = pipeline(model=pipe_repo, trust_remote_code=True)(texts, top_k=3, restrict_to_label=True)
+model = AutoModelForSequenceClassification.from_pretrained(model_repo, trust_remote_code=True)
+train = datasets.Dataset.from_parquet(hf_hub_download(model_repo, "training_set.parquet"))
+scores = model.estimate_influence(train, [target], progress=False)
+out["scores"] = dict(zip(map(str, scores["train_id"]), scores["score"]))
+pushed = datasets.Dataset.from_parquet(hf_hub_download(scores_repo, "influence.parquet", repo_type="dataset"))
+out["pushed_scores"] = dict(zip(map(str, pushed["train_id"]), pushed["score"]))
+out["card_has_fingerprint"] = model.config.turnover_training["sha256"] in open(hf_hub_download(model_repo, "README.md")).read()
+out["hf_turnover_imported"] = any(m.startswith("hf_turnover") for m in sys.modules)
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("roundtrip")
+    model, tokenizer, train = make_trained(tmp)
+    save_turnover_model(model, tmp / "model", tokenizer=tokenizer, train_dataset=train)
+    pipe = InfluencePipeline(model=model, tokenizer=tokenizer, train_dataset=train)
+    target = {**dict(tokenizer(TEXTS[1])), "label": 1}
+    scores = estimate_influence(model, train, [target], progress=False)
+    save_scores(scores, tmp / "scores.parquet")
+    return pipe, target, scores, tmp
+
+
+def test_push_and_load_back_through_the_hub_double(local):
+    pipe, target, scores, tmp = local
+    with HubDouble(tmp / "hub") as hub:
+        env = hub.client_env(tmp / "push_home")
+        repos = [
+            "test-user/tiny-turnover",
+            "test-user/tiny-turnover-pipeline",
+            "test-user/tiny-turnover-scores",
+        ]
+        run_fresh(PUSH, tmp, env, str(tmp / "model"), *repos, str(tmp / "scores.parquet"), block=False)
+        load_env = hub.client_env(tmp / "load_home")  # a fresh cache: everything comes from the double
+        out = run_fresh(LOAD, tmp, load_env, *repos, json.dumps(TEXTS), json.dumps(target))
+    assert not out["hf_turnover_imported"]
+    assert {
+        "model.safetensors",
+        "modeling_turnover.py",
+        "pipeline_turnover.py",
+        "training_set.parquet",
+    } <= set(out["files"])
+    assert out["from_model_repo"] == json.loads(json.dumps(pipe(TEXTS, top_k=3)))
+    assert out["from_pipe_repo"] == json.loads(json.dumps(pipe(TEXTS, top_k=3, restrict_to_label=True)))
+    expected = dict(zip(map(str, scores["train_id"]), scores["score"], strict=True))
+    assert out["scores"] == expected and out["pushed_scores"] == expected
+    assert out["card_has_fingerprint"]
+
+
+@pytest.mark.skipif(
+    not os.environ.get("HF_TOKEN"), reason="needs HF_TOKEN (pushes to a real private Hub repo)"
+)
+def test_push_to_a_real_private_repo(local):
+    pipe, target, scores, tmp = local
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_ENDPOINT", "HF_HUB_OFFLINE", "PYTHONPATH")}
+    env["HF_HOME"] = str(tmp / "real_home")
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    user = api.whoami()["name"]
+    repos = [f"{user}/hf-turnover-test-{uuid.uuid4().hex[:8]}{suffix}" for suffix in ("", "-pipe", "-scores")]
+    try:
+        run_fresh(PUSH, tmp, env, str(tmp / "model"), *repos, str(tmp / "scores.parquet"), block=False)
+        assert api.model_info(repos[0]).private
+        out = run_fresh(LOAD, tmp, env, *repos, json.dumps(TEXTS), json.dumps(target))
+        assert out["from_model_repo"] == json.loads(json.dumps(pipe(TEXTS, top_k=3)))
+        assert out["scores"] == dict(zip(map(str, scores["train_id"]), scores["score"], strict=True))
+    finally:
+        for repo, kind in zip(repos, ("model", "model", "dataset"), strict=True):
+            api.delete_repo(repo, repo_type=kind, missing_ok=True)

@@ -1,0 +1,223 @@
+"""InfluencePipeline ("turnover-influence"): outputs, options, bad input, the training set it refuses."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import datasets
+import pytest
+from hub_fixtures import fresh_env, make_model, make_trained, run_fresh
+from transformers import pipeline
+
+from hf_turnover import estimate_influence
+from hf_turnover.default_model import DEFAULT_MODEL_DIR
+from hf_turnover.hub import register_with_transformers, save_turnover_model
+from hf_turnover.modeling_turnover import TurnoverBertForSequenceClassification
+from hf_turnover.pipeline_turnover import TASK, InfluencePipeline
+
+FRESH_PIPELINE = """
+import json, sys
+from transformers import pipeline
+explain = pipeline(model=sys.argv[1], trust_remote_code=True)
+print(json.dumps([explain("w1 w2 w3", top_k=3), explain(["w12 w14", "w5 w6"], top_k=2, restrict_to_label=True)]))
+"""
+
+
+def assert_close(a, b, tol=1e-6):
+    """Nested outputs equal, floats within ``tol`` (different batch sizes sum in a different order)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_close(a[key], b[key], tol)
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_close(x, y, tol)
+    elif isinstance(a, float):
+        assert abs(a - b) <= tol, (a, b)
+    else:
+        assert a == b
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    model, tokenizer, train = make_trained(tmp)
+    save_turnover_model(model, tmp / "model", tokenizer=tokenizer, train_dataset=train)
+    pipe = InfluencePipeline(model=model, tokenizer=tokenizer, train_dataset=train)
+    return pipe, train, tmp
+
+
+def test_output_holds_prediction_and_ranked_instances(trained):
+    pipe, train, _ = trained
+    out = pipe("w1 w2 w3 w4", top_k=3)
+    assert set(out) == {"prediction", "helpful", "harmful", "truncated", "restricted_to_label"}
+    assert out["prediction"]["label"] in ("negative", "positive") and 0.5 <= out["prediction"]["score"] <= 1
+    assert len(out["helpful"]) == len(out["harmful"]) == 3 and out["truncated"] is False
+    helpful = [item["score"] for item in out["helpful"]]
+    harmful = [item["score"] for item in out["harmful"]]
+    assert helpful == sorted(helpful, reverse=True) and harmful == sorted(harmful) and helpful[0] > harmful[0]
+    by_id = {row["instance_id"]: row for row in train}
+    for item in out["helpful"] + out["harmful"]:
+        assert set(item) == {"id", "text", "label", "score"}
+        assert item["text"] == by_id[item["id"]]["sentence"]
+        assert item["label"] == pipe.model.config.id2label[by_id[item["id"]]["label"]]
+
+
+def test_scores_are_the_engine_scores_for_the_predicted_label(trained):
+    pipe, train, _ = trained
+    out = pipe("w1 w2 w3 w4", top_k=24)  # every training instance, ranked
+    target = dict(pipe.tokenizer("w1 w2 w3 w4"), label=pipe.model.config.label2id[out["prediction"]["label"]])
+    engine = estimate_influence(pipe.model, train, [target], progress=False)
+    expected = dict(zip(engine["train_id"], engine["score"], strict=True))
+    assert {i["id"]: i["score"] for i in out["helpful"]} == pytest.approx(expected, abs=1e-6)
+
+
+def test_list_input_equals_one_by_one(trained):
+    pipe, _, _ = trained
+    texts = ["w1 w2", "w13 w15 w16", "w3"]
+    assert pipe(texts, top_k=2) == [pipe(text, top_k=2) for text in texts]
+
+
+@pytest.mark.parametrize("label", [True, "negative", "positive", 0, 1])
+def test_restrict_to_label(trained, label):
+    pipe, _, _ = trained
+    out = pipe("w12 w14 w1", top_k=4, restrict_to_label=label)
+    expected = out["prediction"]["label"] if label is True else pipe.model.config.id2label.get(label, label)
+    assert out["restricted_to_label"] == expected
+    assert {item["label"] for item in out["helpful"] + out["harmful"]} == {expected}
+
+
+def test_batch_size_does_not_change_scores(trained):
+    pipe, _, _ = trained
+    assert_close(pipe("w1 w9 w12", top_k=5, batch_size=3), pipe("w1 w9 w12", top_k=5, batch_size=64))
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        pipe("w1", batch_size=0)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "error", "match"),
+    [
+        ("", ValueError, "Input 0 is an empty string"),
+        (["w1", "   "], ValueError, "Input 1 is an empty string"),
+        (42, TypeError, "takes a text or a list of texts, got int"),
+        (None, TypeError, "got NoneType"),
+        ({"text": "w1"}, TypeError, "got dict"),
+        (["w1", 3.5], TypeError, "Input 1 is a float"),
+        ([b"w1"], TypeError, "Input 0 is a bytes"),
+    ],
+)
+def test_bad_inputs_are_named(trained, inputs, error, match):
+    pipe, _, _ = trained
+    with pytest.raises(error, match=match):
+        pipe(inputs)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"top_k": 0}, "top_k must be a positive int"),
+        ({"top_k": 2.5}, "top_k must be a positive int"),
+        ({"restrict_to_label": "neutral"}, "restrict_to_label='neutral' is not True"),
+        ({"restrict_to_label": 7}, "restrict_to_label=7 is not a label id"),
+    ],
+)
+def test_bad_options_are_named(trained, options, match):
+    pipe, _, _ = trained
+    with pytest.raises(ValueError, match=match):
+        pipe("w1", **options)
+    with pytest.raises(TypeError, match="Unknown option"):
+        pipe("w1", topk=3)
+
+
+def test_long_text_is_truncated_and_says_so(trained, caplog):
+    pipe, _, _ = trained
+    long_text = " ".join(["w1 w2 w13"] * 40)  # 120 words > 32 positions
+    with caplog.at_level(logging.WARNING):
+        out = pipe(long_text, top_k=1)
+    assert out["truncated"] is True and "truncated to 32" in caplog.text
+    assert pipe(long_text, top_k=1, max_length=8)["truncated"] is True
+    assert pipe("w1 w2", top_k=1, max_length=8)["truncated"] is False
+
+
+def test_training_set_travels_and_a_changed_one_is_refused(trained, tmp_path):
+    pipe, train, tmp = trained
+    loaded = InfluencePipeline(
+        model=TurnoverBertForSequenceClassification.from_pretrained(tmp / "model"), tokenizer=pipe.tokenizer
+    )
+    assert loaded("w1 w2", top_k=2) == pipe("w1 w2", top_k=2)
+    flipped = train.map(
+        lambda row, i: {"label": 1 - row["label"] if i == 3 else row["label"]}, with_indices=True
+    )
+    with pytest.raises(ValueError, match="Refusing train_dataset: its fingerprint"):
+        InfluencePipeline(model=pipe.model, tokenizer=pipe.tokenizer, train_dataset=flipped)
+    shutil.copytree(tmp / "model", tmp_path / "changed")
+    flipped.to_parquet(str(tmp_path / "changed" / "training_set.parquet"))
+    model = TurnoverBertForSequenceClassification.from_pretrained(tmp_path / "changed")
+    with pytest.raises(ValueError, match="Refusing the training set of .*changed: its fingerprint"):
+        InfluencePipeline(model=model, tokenizer=pipe.tokenizer)
+    (tmp_path / "changed" / "training_set.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="training_set.parquet, which is missing"):
+        InfluencePipeline(model=model, tokenizer=pipe.tokenizer)
+    (tmp_path / "changed" / "training_set.json").unlink()
+    with pytest.raises(FileNotFoundError, match="No training set travels with the model"):
+        InfluencePipeline(model=model, tokenizer=pipe.tokenizer)
+    assert InfluencePipeline(model=model, tokenizer=pipe.tokenizer, train_dataset=train)("w1", top_k=1)
+
+
+def test_in_memory_model_needs_its_training_set(trained):
+    pipe, _, _ = trained
+    with pytest.raises(ValueError, match="pass the exact training set"):
+        InfluencePipeline(model=make_model(), tokenizer=pipe.tokenizer)
+    with pytest.raises(ValueError, match="carries no set-up for them"):
+        TurnoverBertForSequenceClassification(pipe.model.config)
+
+
+def test_registered_task_and_installed_pipeline_class(trained):
+    pipe, _, tmp = trained
+    register_with_transformers()
+    explain = pipeline(TASK, model=str(tmp / "model"), pipeline_class=InfluencePipeline)
+    assert explain("w1 w2", top_k=2) == pipe("w1 w2", top_k=2)
+    with pytest.raises(
+        ValueError, match="trust_remote_code=True"
+    ):  # the saved pipeline code is never run silently
+        pipeline(TASK, model=str(tmp / "model"))
+
+
+def test_saved_pipeline_runs_in_a_fresh_process_without_hf_turnover(trained, tmp_path):
+    pipe, _, _ = trained
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert (tmp_path / "pipe" / "pipeline_turnover.py").is_file()
+    fresh = run_fresh(FRESH_PIPELINE, tmp_path, fresh_env(tmp_path / "hf_home"), str(tmp_path / "pipe"))
+    expected = [pipe("w1 w2 w3", top_k=3), pipe(["w12 w14", "w5 w6"], top_k=2, restrict_to_label=True)]
+    assert fresh == json.loads(json.dumps(expected))  # bit-identical floats survive JSON round trips
+
+
+def test_pipeline_from_saved_training_set_dataset_type(trained):
+    _, train, tmp = trained
+    from hf_turnover.training_set import load_training_set
+
+    loaded = load_training_set(tmp / "model", None)
+    assert isinstance(loaded, datasets.Dataset)
+    assert loaded.to_dict() == train.select_columns(loaded.column_names).to_dict()
+
+
+@pytest.mark.skipif(
+    not (DEFAULT_MODEL_DIR / "config.json").is_file(), reason="the embedded default is not built"
+)
+def test_default_pipeline_works_offline_on_the_installed_backbone():
+    from safetensors import safe_open
+
+    with safe_open(str(DEFAULT_MODEL_DIR / "model.safetensors"), "pt") as weights:
+        names = list(weights.keys())
+    assert names and all(".adapters." in n or n.startswith(("classifier.", "bert.pooler.")) for n in names)
+    assert (DEFAULT_MODEL_DIR / "model.safetensors").stat().st_size < 5_000_000  # no second backbone copy
+    register_with_transformers()
+    explain = pipeline(TASK)  # no model: the embedded default, offline
+    out = explain(["A gorgeous, witty, seductive movie.", "A dull, lifeless mess."], top_k=2)
+    train_ids = set(explain.train_dataset["instance_id"])
+    for result in out:
+        assert result["prediction"]["label"] in ("negative", "positive")
+        assert len(result["helpful"]) == 2 and {i["id"] for i in result["helpful"]} <= train_ids

@@ -1,0 +1,101 @@
+"""Smoke test of `accelerate launch recipes/sst2.py` with tiny settings: a 2-layer BERT backbone built here (with a
+word-level vocabulary of the bundled sentences), 32 training sentences, one epoch. Checks that every output exists
+and holds sane values; the full run's numbers are in the README."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, BertTokenizerFast
+
+from hf_turnover.data import load_bundled_dataset
+from hf_turnover.results import load_scores
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def make_backbone(folder: Path) -> Path:
+    """A random 2-layer BERT whose vocabulary is the 300 most frequent words of the bundled training split."""
+    counts: dict[str, int] = {}
+    for sentence in load_bundled_dataset("rotten_tomatoes")["train"]["sentence"][:2000]:
+        for word in re.findall(r"\w+|[^\w\s]", sentence.lower()):
+            counts[word] = counts.get(word, 0) + 1
+    words = sorted(counts, key=lambda w: -counts[w])[:300]
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(SPECIAL + words) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(SPECIAL) + len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def recipe_output(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sst2")
+    backbone = make_backbone(tmp / "backbone")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += [str(ROOT / "recipes" / "sst2.py"), "--model_name_or_path", str(backbone)]
+    command += ["--max_train_samples", "32", "--max_eval_samples", "24", "--num_train_epochs", "1"]
+    command += ["--per_device_train_batch_size", "8", "--max_seq_length", "24", "--adapter_top_layers", "1"]
+    command += ["--num_explained", "2", "--top_k", "3", "--curve_subset", "8", "--curve_points", "2"]
+    command += ["--output_dir", str(tmp / "out"), "--disable_tqdm", "true"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return tmp / "out"
+
+
+def test_outputs_exist_and_hold_sane_values(recipe_output):
+    results = json.loads((recipe_output / "results.json").read_text())
+    assert 0.0 <= results["accuracy_turnover"] <= 1.0 and 0.0 <= results["accuracy_baseline_dropout"] <= 1.0
+    assert results["num_train"] == 32 and results["num_validation"] == 24
+    assert results["turnover"]["p"] == 0.5 and results["timings"]["total_s"] > 0
+    for name in ("learning_curves.png", "self_influence.png"):
+        assert (recipe_output / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    scores = load_scores(recipe_output / "self_influence.parquet")
+    assert len(scores) == 32 and torch.isfinite(torch.tensor(scores["score"])).all()
+    report = (recipe_output / "misclassified.md").read_text()
+    assert "with the error label" in report and "Highest self-influence" in report
+    assert report.count("\n## ") == results["misclassified_explained"] <= 2
+
+
+def test_learning_curves_were_logged(recipe_output):
+    curves = json.loads((recipe_output / "results.json").read_text())["learning_curves"]
+    assert len(curves) >= 2  # the PNG is drawn from these points
+    for entry in curves:
+        assert (
+            entry["turnover_own_loss"] > 0
+            and entry["turnover_flip_loss"] > 0
+            and entry["turnover_eval_loss"] > 0
+        )
+
+
+def test_model_folder_has_card_fingerprint_and_adapters(recipe_output):
+    model_dir = recipe_output / "model"
+    assert (model_dir / "README.md").read_text().count("turn-over dropout (this model)") == 1
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["turnover_training"]["num_instances"] == 32
+    assert config["adapters"]["config_map"], "the adapter set-up travels in config.json"
+
+
+def test_saved_model_explains_with_the_pipeline(recipe_output):
+    from hf_turnover.modeling_turnover import TurnoverBertForSequenceClassification
+    from hf_turnover.pipeline_turnover import InfluencePipeline
+
+    model = TurnoverBertForSequenceClassification.from_pretrained(recipe_output / "model")
+    out = InfluencePipeline(model=model)("a gorgeous , witty movie .", top_k=2, restrict_to_label=True)
+    assert out["prediction"]["label"] in ("negative", "positive") and len(out["helpful"]) == 2
+    assert {item["label"] for item in out["helpful"]} == {out["restricted_to_label"]}

@@ -1,0 +1,168 @@
+"""Smoke tests of recipes/cleansing.py, recipes/vision.py and recipes/lm_self_influence.py: tiny settings, run
+in-process through each recipe's ``main(argv)``; the outputs must exist and hold sane values."""
+
+from __future__ import annotations
+
+import gzip
+import importlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hf_turnover.model import get_turnover_config
+from hf_turnover.results import load_scores
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+FAST = ["--disable_tqdm", "true", "--seed", "0"]
+
+
+@pytest.fixture
+def recipe(monkeypatch):
+    """Import a recipe as its script would run: with recipes/ on sys.path (for `from common import ...`)."""
+    monkeypatch.syspath_prepend(str(RECIPES))
+    return importlib.import_module
+
+
+def test_cleansing_writes_the_table(recipe, tmp_path):
+    cleansing = recipe("cleansing")
+    out = tmp_path / "cleansing"
+    argv = ["--output_dir", str(out), "--max_train_samples", "120", "--max_validation_samples", "12"]
+    argv += [
+        "--max_test_samples",
+        "40",
+        "--num_seeds",
+        "2",
+        "--num_train_epochs",
+        "2",
+        "--remove_fraction",
+        "0.05",
+    ]
+    results = cleansing.main(argv + ["--per_device_train_batch_size", "16", "--hidden_size", "32", *FAST])
+    assert json.loads((out / "results.json").read_text()) == results
+    assert [r["condition"] for r in results["rows"]] == ["no cleansing", "random removal", "cleansing"]
+    for row in results["rows"]:
+        assert len(row["accuracies"]) == len(row["losses"]) == 2
+        assert all(0.0 <= a <= 1.0 for a in row["accuracies"]) and all(loss > 0 for loss in row["losses"])
+        assert row["accuracy_mean"] == pytest.approx(np.mean(row["accuracies"]))
+    table = (out / "table.md").read_text().splitlines()
+    assert len(table) == 5 and table[2].startswith("| no cleansing | ") and "78.3 +- 0.2" in table[4]
+    # The removed instances are the 5% with the most negative mean influence.
+    scores = load_scores(out / "mean_influence.parquet").to_pandas()
+    assert len(scores) == 120 and scores.score.notna().all() and (scores.score != 0).any()
+    removed = results["removed_train_ids"]
+    assert len(set(removed)) == 6
+    assert scores.set_index("train_id").score[removed].max() <= scores.score.nsmallest(6).max()
+    assert (out / "cleansing.png").stat().st_size > 0 and (out / "removed.md").read_text().count("\n| ") == 7
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    magic = bytes([0, 0, 8, array.ndim])  # 8: unsigned byte
+    dims = np.asarray(array.shape, dtype=">u4").tobytes()
+    with gzip.open(path, "wb") as handle:
+        handle.write(magic + dims + array.astype(np.uint8).tobytes())
+
+
+def test_vision_reads_idx_files(recipe, tmp_path):
+    vision = recipe("vision")
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (5, 28, 28)), rng.integers(0, 10, 5)
+    for prefix in ("train", "t10k"):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    arrays, classes = vision.load_fashion_mnist(str(tmp_path))
+    np.testing.assert_array_equal(arrays["train"][0], images[:, None])
+    np.testing.assert_array_equal(arrays["test"][1], labels)
+    assert len(classes) == 10
+    with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
+        vision.load_fashion_mnist(str(tmp_path / "missing"))
+
+
+def test_vision_fashion_mnist_package_if_installed(recipe):
+    vision = recipe("vision")
+    if not Path(vision.FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz").is_file():
+        pytest.skip(
+            "Debian's dataset-fashion-mnist is not installed (apt-get install -y dataset-fashion-mnist)"
+        )
+    arrays, _ = vision.load_fashion_mnist(vision.FASHION_MNIST_DIR)
+    assert arrays["train"][0].shape == (60000, 1, 28, 28) and arrays["test"][1].shape == (10000,)
+    assert set(np.unique(arrays["test"][1])) == set(range(10))
+
+
+def test_vision_on_digits(recipe, tmp_path):
+    vision = recipe("vision")
+    out = tmp_path / "vision"
+    argv = ["--dataset", "digits", "--output_dir", str(out), "--max_train_samples", "200"]
+    argv += [
+        "--max_eval_samples",
+        "60",
+        "--num_train_epochs",
+        "2",
+        "--channels",
+        "8,16",
+        "--hidden_size",
+        "32",
+    ]
+    masked = ["--target_modules", r"features\.conv2_\d+|classifier\.fc1"]  # conv channels and dense units
+    results = vision.main(argv + masked + ["--num_explained", "2", "--num_shown", "1", "--top_k", "2", *FAST])
+    assert 0.0 <= results["accuracy_plain"] <= 1.0 and 0.0 <= results["accuracy_turnover"] <= 1.0
+    assert results["turnover_layers"] == ["classifier.fc1", "features.conv2_1"]  # the later layers only
+    explained = results["explained_test_ids"]
+    assert 1 <= len(explained) <= 2, "an undertrained net misclassifies some of 60 test images"
+    scores = load_scores(out / "influence.parquet").to_pandas()
+    assert sorted(scores.target_id.unique()) == sorted(explained)
+    assert scores.groupby("target_id").size().eq(4).all() and scores.train_id.between(0, 199).all()
+    assert set(results["label_checks"]) == {
+        "helpful_true_label",
+        "harmful_predicted_label",
+        "chance_true_label",
+        "chance_predicted_label",
+    }
+    assert all(0.0 <= v <= 1.0 for v in results["label_checks"].values())
+    assert (out / "misclassified_influence.png").stat().st_size > 0
+    assert (out / "model" / "config.json").is_file()
+
+
+def test_lm_instances_are_context_next_word_pairs(recipe):
+    lm = recipe("lm_self_influence")
+    vocabulary = lm.build_vocabulary([["Good", "film", "."], ["good", "."]], min_frequency=2)
+    assert vocabulary == [lm.BOS, lm.EOS, lm.UNK, ".", "good"]
+    index = {w: i for i, w in enumerate(vocabulary)}
+    rows = lm.instances([["Good", "film", "."]], index, context_size=2).to_pandas()
+    # <s> <s> -> good, <s> good -> film (<unk>), good <unk> -> ".", <unk> . -> </s>
+    assert [list(map(int, ids)) for ids in rows.input_ids] == [[0, 0], [0, 4], [4, 2], [2, 3]]
+    assert rows.labels.tolist() == [4, 2, 3, 1] and rows.instance_id.tolist() == [0, 1, 2, 3]
+    assert rows.position.tolist() == [0, 1, 2, 3] and rows.text_index.tolist() == [0, 0, 0, 0]
+
+
+def test_lm_self_influence(recipe, tmp_path):
+    lm = recipe("lm_self_influence")
+    out = tmp_path / "lm"
+    argv = ["--output_dir", str(out), "--max_train_samples", "80", "--max_eval_samples", "20"]
+    argv += [
+        "--num_train_epochs",
+        "1",
+        "--embedding_size",
+        "8",
+        "--hidden_size",
+        "16",
+        "--num_hidden_layers",
+        "2",
+    ]
+    results = lm.main(argv + ["--num_rendered_texts", "5", "--num_top", "5", *FAST])
+    texts, _ = lm.load_texts(lm.LMArguments(max_train_samples=80, max_eval_samples=20))
+    assert results["num_train_instances"] == sum(len(t) + 1 for t in texts)
+    scores = load_scores(out / "self_influence.parquet").to_pandas()
+    assert scores.train_id.tolist() == list(range(results["num_train_instances"]))
+    assert scores.score.notna().all() and (scores.score != 0).any()
+    assert math.isfinite(results["validation_perplexity"]) and results["validation_perplexity"] > 1
+    page = (out / "self_influence.html").read_text()
+    assert page.count("<span") == sum(len(t) + 1 for t in texts[:5])
+    top = json.loads((out / "top_self_influence.json").read_text())
+    values = [r["self_influence"] for r in top["top_instances"]]
+    assert len(values) == 5 and values == sorted(values, reverse=True) and values[0] == scores.score.max()
+    model = lm.NGramLM.from_pretrained(out / "model")
+    assert get_turnover_config(model).head_modules == r"hidden\.1|lm_head"  # both hidden layers' outputs
+    assert (out / "self_influence.png").stat().st_size > 0
