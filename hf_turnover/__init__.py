@@ -6,8 +6,10 @@ from .curves import LearningCurveCallback
 from .evaluation import load_faithfulness_metric, random_half_subsets, score_matrix
 from .explain import explain_prediction
 from .fingerprint import training_fingerprint
+from .hub import push_turnover_model, register_with_transformers, save_turnover_model
 from .influence import estimate_influence, mean_influence, self_influence
 from .model import add_turnover, get_turnover_config, load_turnover, remove_turnover, turnover_layers
+from .pipeline_turnover import InfluencePipeline
 from .plots import plot_learning_curves, plot_self_influence
 from .results import combine_scores, load_scores, push_scores, save_scores, score_arguments
 from .trainer import TurnoverCollator, TurnoverTrainer, TurnoverTrainingArguments
@@ -15,7 +17,11 @@ from .variants import average_scores, ensemble_influence
 
 __version__ = "0.1.0"
 
+# `pipeline("turnover-influence")` and the Auto classes know turn-over models once hf_turnover is imported.
+register_with_transformers()
+
 __all__ = [
+    "InfluencePipeline",
     "LearningCurveCallback",
     "TurnoverCollator",
     "TurnoverConfig",
@@ -33,6 +39,8 @@ __all__ = [
     "load_scores",
     "mean_influence",
     "plot_learning_curves",
+    "push_turnover_model",
+    "save_turnover_model",
     "plot_self_influence",
     "push_scores",
     "save_scores",
