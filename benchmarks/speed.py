@@ -5,10 +5,12 @@ share the cores, and the matmul peak is measured with the same thread count):
 
     python3 benchmarks/speed.py --threads 1 --output_json benchmarks/speed.json
 
-GPU mode (not run on the 2-core CPU machine this was written on): 10,000 training ids for one target on a
-BERT-base-sized adapter model, bf16, sequence length 64 (the paper: 35 s on an RTX 2080 Ti):
+GPU mode (written for a CUDA machine; the 2-core CPU machine it was written on has none, so it has only been
+run on CPU with small sizes): 10,000 training ids for one target on a BERT-base-sized adapter model, bf16,
+sequence length 64 (the paper: 35 s on an RTX 2080 Ti; Captum is skipped on GPU):
 
-    python3 benchmarks/speed.py --device cuda --bf16 --bert_base --output_json benchmarks/speed_cuda.json
+    python3 benchmarks/speed.py --device cuda --bf16 --bert_base --rounds 3 --reference_ids 1000 \
+        --memory_max_seconds 30 --output_json benchmarks/speed_cuda.json
 
 Everything below is measured in one process on the same model and target (memory in fresh child processes),
 in ``--rounds`` interleaved rounds; each figure is the median over rounds, each ratio the median of the
@@ -23,16 +25,17 @@ per-round ratios, so load from other processes hits both sides of a ratio alike.
   same at batch 256 (``estimate_influence``'s default); (a) a naive loop: one id at a time, two batch-1
   forwards; (b) the authors' reference style: the target copied to 100 rows, the whole model run per batch
   of 100 ids under each mask; (c) Captum ``TracInCPFast`` (classifier gradients) and ``TracInCP`` (gradients
-  of the masked adapters + classifier) on random training rows of the same length.
+  of the masked adapters + classifier) on random training rows of the same length. Before timing, the
+  engine's scores are checked against (a) and (b) on 8 ids.
 * FLOP/s: FLOPs per training id are counted by ``torch.utils.flop_counter`` (matmuls and attention, 2 per
   multiply-add; elementwise work is not counted) as the slope between scoring 4 and 12 ids in one forward,
   so the once-per-target prefix cancels: the masked layers and everything after the first masked layer, at
   the positions actually computed, own + flipped. Achieved FLOP/s = FLOPs per id x engine ids/s (the time
-  includes everything: prefix, hashing, elementwise ops, Python); it is compared with a dense
-  square matmul (2048 on CPU, 8192 on GPU) measured in the same round.
+  includes everything: prefix, hashing, elementwise ops, Python); it is compared with a dense square matmul
+  (2048 on CPU, 8192 on GPU) timed right before and right after the engine in the same round (their mean).
 * Memory (``speed_memory.py``): peak growth while scoring 10k vs 1M ids for one target, for both mask
-  schemes; ids are scored in full unless that would take over ``--memory_max_seconds``, then a slice is
-  scored into a full-size score vector (the id tensor is always full size).
+  schemes. The id tensor and the score vector always have the full size N; all N ids are scored unless the
+  largest N would take over ``--memory_max_seconds``, then the same slice (two chunks) is scored for every N.
 * Masks: time and peak memory of the keep-bits of one chunk of 4096 ids on every masked layer, counter hash
   vs the Appendix-D codebook; end-to-end engine throughput with each scheme.
 """
@@ -81,7 +84,7 @@ class SpeedArguments:
     bert_base: bool = field(default=False, metadata={"help": "BERT-base size instead of the tiny BERT."})
     seq_len: int = field(default=64, metadata={"help": "Target length in tokens."})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)."})
-    rounds: int = field(default=5, metadata={"help": "Interleaved timing rounds (medians over rounds)."})
+    rounds: int = field(default=7, metadata={"help": "Interleaved timing rounds (medians over rounds)."})
     engine_ids: int = field(
         default=0, metadata={"help": "Ids per engine timing (0: 16384/256 CPU, 10000 GPU)."}
     )
@@ -96,7 +99,9 @@ class SpeedArguments:
         default=16, metadata={"help": "Training rows per TracInCP timing (0: skip)."}
     )
     memory_ids: str = field(default="10000,1000000", metadata={"help": "N values of the memory runs."})
-    memory_max_seconds: float = field(default=240.0, metadata={"help": "Score a slice above this time."})
+    memory_max_seconds: float = field(
+        default=300.0, metadata={"help": "Score the same slice for every N if the largest N takes longer."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the weights and data."})
 
 
@@ -118,9 +123,11 @@ def case_jobs(case: str, args: SpeedArguments, gpu: bool) -> dict:
     ids = torch.arange(max(n, args.reference_ids, args.naive_ids))
     fast, default, coded = engine(setup, batch), engine(setup, 256), engine(codebook, batch)
     x, y, xc, yc = setup.inputs, setup.labels, codebook.inputs, codebook.labels
-    jobs = {  # the matmul runs right before the engine, so their ratio sees the same load
-        "matmul_flops": matmul_job(setup.device, next(setup.model.parameters()).dtype),
+    matmul = matmul_job(setup.device, next(setup.model.parameters()).dtype)
+    jobs = {  # matmuls right before and after the engine: their ratio sees the same load
+        "matmul_flops": matmul,
         "engine": (lambda: fast.score(x, y, ids[:n]), n),
+        "matmul_flops_after": matmul,
         "engine_batch256": (lambda: default.score(x, y, ids[: min(n, 4096)]), min(n, 4096)),
         "engine_codebook": (lambda: coded.score(xc, yc, ids[:n]), n),
         "reference": (lambda: reference_scores(setup, ids[: args.reference_ids]), args.reference_ids),
@@ -176,7 +183,9 @@ def summarize(cases: dict, rates: dict) -> dict:
     out = {}
     for case, bench in cases.items():
         r, facts = dict(rates[case]), bench["facts"]
-        matmul = r.pop("matmul_flops")
+        matmul = [
+            (a + b) / 2 for a, b in zip(r.pop("matmul_flops"), r.pop("matmul_flops_after"), strict=True)
+        ]
         achieved = [facts["flops_per_id"]["engine"] * e for e in r["engine"]]
         out[case] = {
             **facts,
@@ -194,12 +203,14 @@ def summarize(cases: dict, rates: dict) -> dict:
 def memory_runs(summary: dict, args: SpeedArguments) -> list[dict]:
     """10k vs 1M ids (``--memory_ids``) per case and scheme, each in a fresh process."""
     runs = []
+    sizes = [int(v) for v in args.memory_ids.split(",")]
     for case, c in summary.items():
         batch = c["engine_batch_size"]
         for scheme in ("hash", "codebook"):
             speed = c["ids_per_s"]["engine" if scheme == "hash" else "engine_codebook"]
-            for n in (int(v) for v in args.memory_ids.split(",")):
-                scored = n if n / speed <= args.memory_max_seconds else min(n, 2 * batch)
+            full = max(sizes) / speed <= args.memory_max_seconds  # else the same slice for every N
+            for n in sizes:
+                scored = n if full else min(n, 2 * batch)
                 spec = dict(case=case, scheme=scheme, bert_base=args.bert_base, device=args.device, bf16=args.bf16,
                             seq_len=args.seq_len, seed=args.seed, threads=torch.get_num_threads(), n=n,
                             scored=scored, batch_size=batch)  # fmt: skip

@@ -5,9 +5,10 @@ Scoring memory is measured in a fresh process per (case, scheme, N), so no earli
     python3 benchmarks/speed_memory.py '{"case": "top_layer", "scheme": "hash", "n": 1000000, ...}'
 
 On CPU a sampling thread reads the resident set size (``/proc/self/statm``) every millisecond; the figure is
-``peak RSS during scoring - RSS before the id tensor was made``, after one warm-up chunk (so the allocator
-already holds one chunk's working set, as it does in any long run). On CUDA it is
-``torch.cuda.max_memory_allocated`` over the same span.
+``peak RSS during scoring - RSS before the id tensor was made``, after one warm-up scoring of two chunks. The
+child runs with ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` so that glibc returns freed memory
+at once and the RSS follows live allocations (its timings are not used for speed). On CUDA the figure is
+``torch.cuda.max_memory_allocated`` over the same span, minus the memory allocated before it.
 """
 
 from __future__ import annotations
@@ -93,6 +94,10 @@ def run_child(spec: dict, timeout_s: float = 3600) -> dict:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")]),
+        # glibc: tensors over 64 KiB get their own mapping and freed memory goes back at once, so the resident
+        # set follows live allocations instead of what the allocator keeps cached.
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+        "MALLOC_TRIM_THRESHOLD_": "0",
     }
     out = subprocess.run(
         [sys.executable, os.path.abspath(__file__), json.dumps(spec)],

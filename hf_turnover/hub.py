@@ -46,7 +46,9 @@ def register_with_transformers() -> None:
         TurnoverBertConfig, TurnoverBertForSequenceClassification, exist_ok=True
     )
     if TASK not in PIPELINE_REGISTRY.get_supported_tasks():
-        default = {"pt": (str(DEFAULT_MODEL_DIR), None)} if (DEFAULT_MODEL_DIR / "config.json").is_file() else None
+        default = (
+            {"pt": (str(DEFAULT_MODEL_DIR), None)} if (DEFAULT_MODEL_DIR / "config.json").is_file() else None
+        )
         PIPELINE_REGISTRY.register_pipeline(
             TASK,
             pipeline_class=InfluencePipeline,
@@ -99,7 +101,11 @@ def push_turnover_model(
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         save_turnover_model(
-            model, folder, tokenizer=tokenizer, train_dataset=train_dataset, card={**(card or {}), "repo_id": repo_id}
+            model,
+            folder,
+            tokenizer=tokenizer,
+            train_dataset=train_dataset,
+            card={**(card or {}), "repo_id": repo_id},
         )
         info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
     return str(info)

@@ -368,6 +368,13 @@ def plot(scores: datasets.Dataset, cutoff: float, rows: list[dict], path: Path) 
     save_figure(fig, path)
 
 
+def most_harmful(scores: datasets.Dataset, fraction: float) -> list[int]:
+    """The ids of the ``fraction`` of training instances with the most negative mean influence, most harmful first."""
+    n_remove = max(1, round(fraction * len(scores)))
+    order = np.argsort(np.asarray(scores["score"]), kind="stable")
+    return [int(scores["train_id"][i]) for i in order[:n_remove]]
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; ``argv`` as on the command line (``None``: ``sys.argv[1:]``). Returns results.json."""
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
@@ -382,18 +389,17 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.model, data.train, data.validation, batch_size=cleansing_args.influence_batch_size
     )
     save_scores(scores, output / "mean_influence.parquet")
-    n_remove = max(1, round(cleansing_args.remove_fraction * len(data.train)))
-    order = np.argsort(np.asarray(scores["score"]), kind="stable")  # most negative (most harmful) first
-    removed = [int(scores["train_id"][i]) for i in order[:n_remove]]
+    removed = most_harmful(scores, cleansing_args.remove_fraction)
     write_atomic(
         output / "removed.md", removed_report(scores, data.train, cleansing_args.text_column, removed)
     )
     training_args.seed = base_seed
     rows = run_conditions(cleansing_args, training_args, data, removed)
-    table = format_table(rows, len(data.train), n_remove, cleansing_args.num_seeds)
+    table = format_table(rows, len(data.train), len(removed), cleansing_args.num_seeds)
     print(table)
     write_atomic(output / "table.md", table)
-    plot(scores, float(scores["score"][order[n_remove - 1]]), rows, output / "cleansing.png")
+    cutoff = dict(zip(scores["train_id"], scores["score"], strict=True))[removed[-1]]  # least harmful removed
+    plot(scores, cutoff, rows, output / "cleansing.png")
     results = {
         "arguments": asdict(cleansing_args),
         "seed": base_seed,

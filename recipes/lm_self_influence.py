@@ -290,6 +290,36 @@ def perplexity(model: nn.Module, data: datasets.Dataset, batch_size: int = 4096)
     return math.exp(total / len(data))
 
 
+def train_model(
+    args: LMArguments, training_args, train: datasets.Dataset, vocab_size: int
+) -> TurnoverTrainer:
+    set_seed(training_args.seed)
+    config = NGramLMConfig(
+        vocab_size, args.context_size, args.embedding_size, args.hidden_size, args.num_hidden_layers
+    )
+    model = NGramLM(config)
+    # Mask the hidden units after their tanh: the inputs of every later layer and of the output layer.
+    masked = "|".join([*(rf"hidden\.{i}" for i in range(1, args.num_hidden_layers)), "lm_head"])
+    add_turnover(model, TurnoverConfig(p=args.turnover_p, target_modules=None, head_modules=masked))
+    trainer = TurnoverTrainer(model, training_args, train_dataset=train)
+    trainer.train()
+    return trainer
+
+
+def write_reports(
+    args: LMArguments, output: Path, texts, train, vocabulary: list[str], values: np.ndarray
+) -> dict:
+    """The colored HTML and PNG, and the top self-influence lists (Markdown and JSON); returns the lists."""
+    scale = float(np.quantile(np.abs(values), 0.99))  # full color from the 99th percentile of |score|
+    page = render_html(texts, train, values, vocabulary, args.num_rendered_texts, scale)
+    write_atomic(output / "self_influence.html", page)
+    render_png(texts, train, values, 8, scale, output / "self_influence.png")
+    top = top_lists(train, values, vocabulary, texts, args.num_top)
+    write_atomic(output / "top_self_influence.md", top_markdown(top))
+    write_json(output / "top_self_influence.json", top)
+    return top
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; ``argv`` as on the command line (``None``: ``sys.argv[1:]``). Returns results.json."""
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
@@ -302,29 +332,13 @@ def main(argv: list[str] | None = None) -> dict:
     index = {w: i for i, w in enumerate(vocabulary)}
     train = instances(texts, index, args.context_size)
     validation = instances(validation_texts, index, args.context_size)
-    set_seed(training_args.seed)
-    config = NGramLMConfig(
-        len(vocabulary), args.context_size, args.embedding_size, args.hidden_size, args.num_hidden_layers
-    )
-    model = NGramLM(config)
-    # Mask the hidden units after their tanh: the inputs of every later layer and of the output layer.
-    masked = "|".join([*(rf"hidden\.{i}" for i in range(1, args.num_hidden_layers)), "lm_head"])
-    add_turnover(model, TurnoverConfig(p=args.turnover_p, target_modules=None, head_modules=masked))
-    trainer = TurnoverTrainer(model, training_args, train_dataset=train)
-    trainer.train()
+    trainer = train_model(args, training_args, train, len(vocabulary))
     trainer.save_model(str(output / "model"))
+    model = trainer.model
     scores = self_influence(model, train, batch_size=training_args.per_device_eval_batch_size)
     save_scores(scores, output / "self_influence.parquet")
     values = np.asarray(scores["score"])  # row i is instance i
-    scale = float(np.quantile(np.abs(values), 0.99))
-    write_atomic(
-        output / "self_influence.html",
-        render_html(texts, train, values, vocabulary, args.num_rendered_texts, scale),
-    )
-    render_png(texts, train, values, 8, scale, output / "self_influence.png")
-    top = top_lists(train, values, vocabulary, texts, args.num_top)
-    write_atomic(output / "top_self_influence.md", top_markdown(top))
-    write_json(output / "top_self_influence.json", top)
+    top = write_reports(args, output, texts, train, vocabulary, values)
     results = {
         "arguments": asdict(args),
         "num_train_epochs": training_args.num_train_epochs,
@@ -338,9 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
         "spearman_frequency_vs_self_influence": top["spearman_frequency_vs_self_influence"],
         "runtime_s": round(time.time() - started, 1),
     }
-    print(
-        f"validation perplexity {results['validation_perplexity']:.1f}; top words: {[r['word'] for r in top['top_words'][:10]]}"
-    )
+    print(f"validation perplexity {results['validation_perplexity']:.1f}")
+    print("highest mean self-influence words:", [r["word"] for r in top["top_words"][:10]])
     write_json(output / "results.json", results)
     if training_args.push_to_hub:
         trainer.push_to_hub()

@@ -186,7 +186,16 @@ def train_and_evaluate(trainer: Trainer, eval_dataset: datasets.Dataset) -> tupl
     """(accuracy, logits on ``eval_dataset``, seconds) after training."""
     start = time.time()
     trainer.train()
-    prediction = trainer.predict(eval_dataset)
+    # group_by_length also reorders evaluation batches (randomly): predict in dataset order instead.
+    grouped, trainer.args.group_by_length = trainer.args.group_by_length, False
+    try:
+        prediction = trainer.predict(eval_dataset)
+    finally:
+        trainer.args.group_by_length = grouped
+    if not np.array_equal(prediction.label_ids, np.asarray(eval_dataset["label"])):
+        raise RuntimeError(
+            "Predictions came back in another order than the evaluation set; cannot report them."
+        )
     return float(prediction.metrics["test_accuracy"]), prediction.predictions, time.time() - start
 
 

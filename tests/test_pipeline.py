@@ -216,8 +216,7 @@ def test_default_pipeline_works_offline_on_the_installed_backbone():
     assert (DEFAULT_MODEL_DIR / "model.safetensors").stat().st_size < 5_000_000  # no second backbone copy
     register_with_transformers()
     explain = pipeline(TASK)  # no model: the embedded default, offline
-    out = explain(["A gorgeous, witty, seductive movie.", "A dull, lifeless mess."], top_k=2)
-    train_ids = set(explain.train_dataset["instance_id"])
-    for result in out:
-        assert result["prediction"]["label"] in ("negative", "positive")
-        assert len(result["helpful"]) == 2 and {i["id"] for i in result["helpful"]} <= train_ids
+    out = explain("A gorgeous, witty, seductive movie.", top_k=2, restrict_to_label=True)
+    assert out["prediction"]["label"] in ("negative", "positive")
+    assert {i["label"] for i in out["helpful"] + out["harmful"]} == {out["prediction"]["label"]}
+    assert {i["id"] for i in out["helpful"]} <= set(explain.train_dataset["instance_id"])

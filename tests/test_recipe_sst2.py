@@ -70,6 +70,8 @@ def test_outputs_exist_and_hold_sane_values(recipe_output):
     report = (recipe_output / "misclassified.md").read_text()
     assert "with the error label" in report and "Highest self-influence" in report
     assert report.count("\n## ") == results["misclassified_explained"] <= 2
+    pairs = re.findall(r"Gold: \*\*(\w+)\*\*, predicted: \*\*(\w+)\*\*", report)
+    assert len(pairs) == results["misclassified_explained"] and all(gold != pred for gold, pred in pairs)
 
 
 def test_learning_curves_were_logged(recipe_output):
