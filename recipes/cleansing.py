@@ -337,7 +337,7 @@ def removed_report(
 def format_table(rows: list[dict], n_train: int, n_removed: int, num_seeds: int) -> str:
     lines = [
         f"| Condition ({n_train} training sentences, {n_removed} removed, {num_seeds} seeds) | "
-        "Accuracy (%) | Loss | Paper accuracy (%) |",
+        "Accuracy (%) | Loss | Paper, 1% removed (%) |",
         "|---|---|---|---|",
     ]
     for r in rows:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,20 +18,16 @@ import numpy as np
 from torch import nn
 from transformers import EvalPrediction, PreTrainedModel
 
+from hf_turnover.atomic import atomic_path
 from hf_turnover.data import load_metric
 from hf_turnover.trainer import TurnoverTrainingArguments
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with tempfile.NamedTemporaryFile(mode, dir=path.parent, suffix=".tmp", delete=False) as handle:
-        handle.write(data)
-        tmp = Path(handle.name)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data, encoding="utf-8")
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -41,7 +41,13 @@ import numpy as np
 import torch
 from adapters import AdapterConfig
 from common import AccuracyMetric
-from sst2_parts import add_plain_dropout, load_splits, misclassified_report, top_self_influence
+from sst2_parts import (
+    add_plain_dropout,
+    load_splits,
+    misclassified_report,
+    top_self_influence,
+    train_and_evaluate,
+)
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -180,23 +186,6 @@ def build_model(model_args: ModelArguments, config: TurnoverConfig, backbone: st
     )
     model.bert.pooler.requires_grad_(model_args.train_pooler)
     return model
-
-
-def train_and_evaluate(trainer: Trainer, eval_dataset: datasets.Dataset) -> tuple[float, np.ndarray, float]:
-    """(accuracy, logits on ``eval_dataset``, seconds) after training."""
-    start = time.time()
-    trainer.train()
-    # group_by_length also reorders evaluation batches (randomly): predict in dataset order instead.
-    grouped, trainer.args.group_by_length = trainer.args.group_by_length, False
-    try:
-        prediction = trainer.predict(eval_dataset)
-    finally:
-        trainer.args.group_by_length = grouped
-    if not np.array_equal(prediction.label_ids, np.asarray(eval_dataset["label"])):
-        raise RuntimeError(
-            "Predictions came back in another order than the evaluation set; cannot report them."
-        )
-    return float(prediction.metrics["test_accuracy"]), prediction.predictions, time.time() - start
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import datasets
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import Trainer
 
 from hf_turnover.config import TurnoverConfig
 from hf_turnover.data import load_text_classification
@@ -127,3 +129,20 @@ def top_self_influence(scores: datasets.Dataset, train: datasets.Dataset, text_c
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def train_and_evaluate(trainer: Trainer, eval_dataset: datasets.Dataset) -> tuple[float, np.ndarray, float]:
+    """(accuracy, logits on ``eval_dataset``, seconds) after training."""
+    start = time.time()
+    trainer.train()
+    # group_by_length also reorders evaluation batches (randomly): predict in dataset order instead.
+    grouped, trainer.args.group_by_length = trainer.args.group_by_length, False
+    try:
+        prediction = trainer.predict(eval_dataset)
+    finally:
+        trainer.args.group_by_length = grouped
+    if not np.array_equal(prediction.label_ids, np.asarray(eval_dataset["label"])):
+        raise RuntimeError(
+            "Predictions came back in another order than the evaluation set; cannot report them."
+        )
+    return float(prediction.metrics["test_accuracy"]), prediction.predictions, time.time() - start
