@@ -9,11 +9,9 @@ from torch import nn
 
 from .model import get_turnover_config, turnover_layers
 
-# The template lives in the source tree (model_cards/); a build that copies it into the package is found too.
-TEMPLATES = (
-    Path(__file__).resolve().parents[1] / "model_cards" / "turnover_model_card.md",
-    Path(__file__).resolve().parent / "resources" / "model_cards" / "turnover_model_card.md",
-)
+# The template is edited in model_cards/ at the top of the source tree; resources/model_cards/ links to it, so
+# wheels (which copy the linked file) and source checkouts both find it here.
+TEMPLATE = Path(__file__).resolve().parent / "resources" / "model_cards" / "turnover_model_card.md"
 PAPER_SIDE_EFFECT = "the paper reports 90.0 (dropout) vs 88.3 (turn-over) on SST-2 with 5,000 instances"
 
 
@@ -37,11 +35,11 @@ def model_card(
     config = get_turnover_config(model)
     if config is None:
         raise ValueError(f"{type(model).__name__} has no turn-over config; a turn-over card needs one.")
-    template_path = template_path or next((t for t in TEMPLATES if t.is_file()), TEMPLATES[0])
+    template_path = template_path or TEMPLATE
     if not Path(template_path).is_file():
         raise FileNotFoundError(
-            f"Model card template {template_path} is missing; it ships in the hf_turnover source tree "
-            "(model_cards/turnover_model_card.md). Install from source (pip install -e .) or pass template_path=."
+            f"Model card template {template_path} is missing; it ships with hf_turnover "
+            "(hf_turnover/resources/model_cards/). Reinstall hf_turnover or pass template_path=."
         )
     fingerprint = getattr(model.config, "turnover_training", None) or {}
     base_model = base_model or _base_model(model)

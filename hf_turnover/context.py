@@ -8,10 +8,16 @@ train mode, so training without ids is never silently unmasked.
 The state lives in a ``ContextVar`` and also in a process-wide fallback that other threads read: the autograd
 engine's device threads re-run checkpointed forwards during ``backward()`` and must see the same masks.
 One training context per process at a time is therefore supported.
+
+Both live in one holder per process (``sys.modules["_hf_turnover_state"]``), shared by every copy of this
+module: a model loaded with ``trust_remote_code=True`` runs its own copy (``transformers_modules...``), and
+``hf_turnover.turnover_context`` must reach its layers all the same. Layers read the state by attribute only.
 """
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -28,10 +34,26 @@ class TurnoverState:
     mode: str
     # Let a batch-1 activation broadcast against B masks: layers below the first masked one run once.
     broadcast: bool = False
+    # Mode "own" only: rows [0, B) run the own masks of ``ids`` and rows [B, 2B) their flipped masks.
+    paired: bool = False
 
 
-_STATE: ContextVar[TurnoverState | None] = ContextVar("turnover_state", default=None)
-_PROCESS_STATE: list[TurnoverState] = []
+def _shared_holder() -> types.ModuleType:
+    """The process's one holder of the context variable and the fallback stack (created by the first copy)."""
+    holder = sys.modules.get("_hf_turnover_state")
+    if holder is None:
+        holder = types.ModuleType(
+            "_hf_turnover_state", "Turn-over state shared by every copy of hf_turnover."
+        )
+        holder.context = ContextVar("turnover_state", default=None)
+        holder.process = []
+        holder = sys.modules.setdefault("_hf_turnover_state", holder)
+    return holder
+
+
+_SHARED = _shared_holder()
+_STATE: ContextVar[TurnoverState | None] = _SHARED.context
+_PROCESS_STATE: list[TurnoverState] = _SHARED.process
 
 
 def as_instance_ids(ids: torch.Tensor | Sequence[int], name: str = "instance ids") -> torch.Tensor:
@@ -61,17 +83,21 @@ def as_instance_ids(ids: torch.Tensor | Sequence[int], name: str = "instance ids
 
 @contextmanager
 def turnover_context(
-    ids: torch.Tensor | Sequence[int], mode: str = "own", broadcast: bool = False
+    ids: torch.Tensor | Sequence[int], mode: str = "own", broadcast: bool = False, paired: bool = False
 ) -> Iterator[TurnoverState]:
     """Run masked layers with the ``mode`` masks ("own", "flip" or "full") of the instances ``ids``.
 
     Row ``r`` of every masked activation is scaled by the mask of ``ids[r]``. With ``broadcast=True`` a batch
     of one row is expanded to ``len(ids)`` rows at the first masked layer (one target against many
-    instances, computing the unmasked layers once).
+    instances, computing the unmasked layers once). With ``paired=True`` (mode "own") the batch has ``2B``
+    rows: the own masks of ``ids``, then their flipped masks, so one forward gives both losses of an influence
+    score; a broadcast batch-1 input expands to ``2B`` rows.
     """
     if mode not in MASK_MODES:
         raise ValueError(f"Unknown turn-over mode {mode!r}; use one of {MASK_MODES}.")
-    state = TurnoverState(as_instance_ids(ids), mode, broadcast)
+    if paired and mode != "own":
+        raise ValueError(f"paired=True runs own and flipped masks together; use mode='own', not {mode!r}.")
+    state = TurnoverState(as_instance_ids(ids), mode, broadcast, paired)
     token = _STATE.set(state)
     _PROCESS_STATE.append(state)
     try:

@@ -9,7 +9,7 @@ import datasets
 import torch
 from torch import nn
 
-from .influence import predict, training_ids
+from .influence import predict, python_format, training_ids
 from .inputs import label_column, model_input_names, to_batch
 from .scorer import TurnoverScorer
 
@@ -41,6 +41,7 @@ def explain_prediction(
     ``train_dataset``, e.g. to fetch an image).
     """
     scorer = TurnoverScorer(model, **scorer_kwargs)
+    train_dataset = python_format(train_dataset)
     inputs = to_batch([target], model_input_names(model), scorer.device)
     probabilities = predict(scorer, inputs).softmax(-1)[0]
     predicted = int(probabilities.argmax())

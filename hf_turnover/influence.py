@@ -37,6 +37,7 @@ def training_ids(
     """The ids to score: ``train_ids`` if given, else every id of ``train_dataset`` (checked by fingerprint)."""
     id_column = model.turnover_config.id_column
     if train_dataset is not None:
+        train_dataset = python_format(train_dataset)
         if id_column not in train_dataset.column_names:
             raise ValueError(
                 f"train_dataset has no {id_column!r} column: it must be the set the model trained on."
@@ -55,9 +56,14 @@ def training_ids(
     return ids
 
 
+def python_format(dataset: datasets.Dataset) -> datasets.Dataset:
+    """The dataset read as Python values whatever its format (torch/numpy formats return ids as tensors)."""
+    return dataset.with_format(None) if dataset.format["type"] is not None else dataset
+
+
 def _target_rows(targets: Targets) -> list[dict[str, Any]]:
     if isinstance(targets, datasets.Dataset):
-        return [dict(r) for r in targets]
+        return [dict(r) for r in python_format(targets)]
     if isinstance(targets, Mapping):
         return [dict(targets)]
     return [dict(r) for r in targets]
@@ -222,6 +228,7 @@ def self_influence(
     """
     check = kwargs.pop("check_fingerprint", True)
     scorer = TurnoverScorer(model, batch_size=batch_size, **kwargs)
+    train_dataset = python_format(train_dataset)
     ids = training_ids(model, train_dataset, None, check)
     names = model_input_names(model)
     column = label_column(train_dataset.column_names)

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-
 import torch
 from torch import nn
 
@@ -14,22 +10,6 @@ from .context import TurnoverState, current_state
 from .masks import keep_bits, mask_values
 
 _CHANNEL_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_PAIRED: ContextVar[bool] = ContextVar("turnover_paired", default=False)
-
-
-@contextmanager
-def paired_own_flip() -> Iterator[None]:
-    """Inside ``turnover_context(ids, "own")``: rows ``[0, B)`` run the own masks of ``ids`` and rows
-    ``[B, 2B)`` their flipped masks, so one forward of ``2B`` rows gives both losses of an influence score.
-
-    With ``broadcast=True`` a batch-1 input expands to ``2B`` rows at the first masked layer. The masks' hash
-    runs once for both halves, and the layers below the first masked one run once for both.
-    """
-    token = _PAIRED.set(True)
-    try:
-        yield
-    finally:
-        _PAIRED.reset(token)
 
 
 class TurnoverHook:
@@ -60,7 +40,7 @@ class TurnoverHook:
             return x
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"Turn-over layer {self.name!r} got a {type(x).__name__}, expected a tensor.")
-        paired = state.mode == "own" and _PAIRED.get()
+        paired = state.mode == "own" and getattr(state, "paired", False)
         n, rows = state.ids.numel() * (2 if paired else 1), x.shape[0]
         if rows != n and not (state.broadcast and rows == 1):
             raise RuntimeError(

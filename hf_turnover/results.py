@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .atomic import atomic_path
+
 METADATA_KEY = b"hf_turnover"
 # Arguments that may differ between results that are still comparable (different targets, different k).
 _MERGEABLE = ("top_k", "num_targets")
@@ -44,14 +46,8 @@ def save_scores(scores: datasets.Dataset, path: str | os.PathLike) -> Path:
     table = table.replace_schema_metadata(
         {**(table.schema.metadata or {}), METADATA_KEY: scores.info.description.encode()}
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
-        tmp = Path(handle.name)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -4,9 +4,10 @@ Layers below the first masked layer do not depend on the training id. Scoring fe
 one row and lets the first masked layer broadcast it against ``B`` masks (``turnover_context(...,
 broadcast=True)``), so the unmasked prefix runs once per forward, not ``B`` times.
 
-When every masked layer runs after the last attention, the rest of the network is position-wise and only the
-positions the loss reads are needed: :func:`positionwise_entry` finds the outermost module there, and
-:func:`keep_positions` slices its inputs to those positions.
+After the last attention the network is position-wise, so only the positions the loss reads are needed
+there: :func:`tail_entry` finds the first module after it, and :func:`keep_positions` slices its inputs to
+those positions. When every masked layer runs after the last attention, that is the whole masked part
+(:func:`positionwise_entry`); otherwise it is the last layer's feed-forward.
 
 Across the forwards of one target (one per chunk of ids) the unmasked prefix is the same: :class:`PrefixCache`
 records it in the first forward and replays it in the others, so only the masked part runs per chunk.
@@ -14,6 +15,7 @@ records it in the first forward and replays it in the others, so only the masked
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -22,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
+from adapters import composition as adapters_composition
 from torch import nn
 
 # Sequence classifiers that read the first position (the [CLS] pooler) and nothing else.
@@ -51,14 +54,9 @@ def _is_attention_core(module: nn.Module) -> bool:
     return ("attention" in name and "output" not in name) or isinstance(module, nn.MultiheadAttention)
 
 
-def positionwise_entry(
-    model: nn.Module, inputs: dict[str, torch.Tensor], masked: Sequence[str]
-) -> str | None:
-    """The outermost module that starts after the last attention and contains the first masked module.
-
-    Found by recording the order in which modules start during one forward. ``None`` when a masked module
-    runs before or inside the last attention (nothing to slice).
-    """
+def _start_order(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[list[str], list[str], int]:
+    """Module names in the order they start during one forward, the innermost attention cores, and the index
+    in that order where the last core starts (-1 without attention)."""
     order: list[str] = []
     handles = [
         module.register_forward_pre_hook(lambda m, a, name=name: order.append(name))
@@ -74,10 +72,21 @@ def positionwise_entry(
     modules = dict(model.named_modules())
     cores = [n for n in order if _is_attention_core(modules[n])]
     cores = [n for n in cores if not any(o != n and o.startswith(n + ".") for o in cores)]  # innermost
+    return order, cores, max((order.index(n) for n in cores), default=-1)
+
+
+def positionwise_entry(
+    model: nn.Module, inputs: dict[str, torch.Tensor], masked: Sequence[str]
+) -> str | None:
+    """The outermost module that starts after the last attention and contains the first masked module.
+
+    Found by recording the order in which modules start during one forward. ``None`` when a masked module
+    runs before or inside the last attention (see :func:`tail_entry` for that case).
+    """
+    order, cores, last_core = _start_order(model, inputs)
     first = min((order.index(n) for n in masked if n in order), default=None)
     if first is None:
         return None
-    last_core = max((order.index(n) for n in cores), default=-1)
     name = order[first]
     parts = name.split(".")
     for depth in range(1, len(parts) + 1):  # outermost ancestor first
@@ -87,6 +96,56 @@ def positionwise_entry(
         if start > last_core and not inside_core:
             return candidate
     return None
+
+
+def tail_entry(model: nn.Module, inputs: dict[str, torch.Tensor]) -> str | None:
+    """The first module that starts after the last attention (outside it), or ``None``.
+
+    Everything from there on is position-wise whichever layers are masked, so slicing its inputs to the
+    positions the loss reads is exact. When every masked layer runs after the last attention this is where
+    :func:`positionwise_entry` slices, or earlier; with masks below the last attention too, it still saves
+    the work after the last attention at every unread position.
+    """
+    order, cores, last_core = _start_order(model, inputs)
+    for name in order[last_core + 1 :]:
+        if not any(name == c or name.startswith(c + ".") for c in cores):
+            return name
+    return None
+
+
+_MATCH_ATTN = getattr(adapters_composition, "match_attn_matrices_for_parallel", None)
+
+
+def _match_without_copies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    if query.shape[0] == key.shape[0] == value.shape[0]:
+        return query, key, value
+    return _MATCH_ATTN(query, key, value)
+
+
+@contextmanager
+def without_identity_repeats() -> Iterator[None]:
+    """Skip the copies adapters makes of every attention's query, key and value.
+
+    ``adapters``' ``match_attn_matrices_for_parallel`` calls ``repeat(1, ...)`` on all three in every attention
+    even when their batch sizes already match (no ``Parallel`` composition), and ``repeat`` always copies:
+    about 8% of a scoring forward of a tiny BERT. Inside this context the adapters model modules that use it get
+    a version that returns the tensors unchanged when the sizes match and repeats as before otherwise. The
+    values are the same either way; the modules get the original back on exit.
+    """
+    patched = [
+        module
+        for name, module in list(sys.modules.items())
+        if name.startswith("adapters.models.")
+        and _MATCH_ATTN is not None
+        and getattr(module, "match_attn_matrices_for_parallel", None) is _MATCH_ATTN
+    ]
+    for module in patched:
+        module.match_attn_matrices_for_parallel = _match_without_copies
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.match_attn_matrices_for_parallel = _MATCH_ATTN
 
 
 @contextmanager

@@ -12,9 +12,8 @@ from transformers.utils import logging
 
 from .context import turnover_context
 from .inputs import LossFn, logits_of, per_row_loss
-from .layer import paired_own_flip
 from .model import get_turnover_config, turnover_layers
-from .reuse import PrefixCache, keep_positions, positionwise_entry, read_positions
+from .reuse import PrefixCache, keep_positions, read_positions, tail_entry, without_identity_repeats
 
 logger = logging.get_logger(__name__)
 
@@ -76,7 +75,7 @@ class TurnoverScorer:
 
     def paired_losses(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, ids: torch.Tensor):
         """Own and flipped losses ``(2, len(ids))`` from one forward of ``2 * len(ids)`` rows."""
-        with turnover_context(ids, "own", broadcast=True), paired_own_flip(), self._autocast():
+        with turnover_context(ids, "own", broadcast=True, paired=True), self._autocast():
             loss = self.loss_fn(logits_of(self.forward_fn(self.model, inputs)), labels)
         return (loss.expand(2 * len(ids)) if loss.numel() == 1 else loss).view(2, len(ids))
 
@@ -92,6 +91,7 @@ class TurnoverScorer:
         ids = ids.to(self.device)  # once: a host id tensor would be copied to the device in every layer
         scores = torch.empty(len(ids), dtype=torch.float32, device=self.device)
         with ExitStack() as stack:
+            stack.enter_context(without_identity_repeats())
             entry = self._entry(inputs)
             if entry is not None:
                 length = next(v.shape[1] for v in inputs.values() if v.dim() >= 2)
@@ -141,13 +141,14 @@ class TurnoverScorer:
     ) -> torch.Tensor:
         """``I(z_i, z_i)`` for a batch of training rows, each under its own id."""
         self.model.eval()
-        flip = self.row_losses(inputs, labels, ids, "flip")
-        other = self.row_losses(inputs, labels, ids, "full" if self.variant == "full" else "own")
+        with without_identity_repeats():
+            flip = self.row_losses(inputs, labels, ids, "flip")
+            other = self.row_losses(inputs, labels, ids, "full" if self.variant == "full" else "own")
         return (flip - other).float().cpu()
 
     def _entry(self, inputs: dict[str, torch.Tensor]) -> str | None:
         if not self.positions or not any(v.dim() >= 2 for v in inputs.values()):
             return None
         if self._entry_name is False:  # the same for every input: probe once
-            self._entry_name = positionwise_entry(self.model, inputs, list(turnover_layers(self.model)))
+            self._entry_name = tail_entry(self.model, inputs)
         return self._entry_name

@@ -134,6 +134,49 @@ def test_fresh_process_without_hf_turnover_gives_identical_masks_and_scores(save
     assert fresh["scores"].abs().max() > 0
 
 
+# In a fresh process that also imports hf_turnover: the remote-code model runs its own copy of the modules,
+# and the installed hf_turnover must still reach its masks (one shared state per process).
+MIXED_SCORES = """
+import json, sys
+import datasets, torch
+from safetensors.torch import save_file
+from transformers import AutoModelForSequenceClassification
+import hf_turnover
+model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+ids = json.loads(sys.argv[2])
+batch = {k: torch.tensor(v) for k, v in json.loads(sys.argv[3]).items()}
+out = {}
+with torch.no_grad():
+    for mode in ("own", "flip"):
+        with hf_turnover.turnover_context(ids, mode):
+            out[mode] = model(**batch).logits
+train = datasets.Dataset.from_parquet(sys.argv[1] + "/training_set.parquet")
+scores = hf_turnover.estimate_influence(model, train, [json.loads(sys.argv[4])], progress=False)
+out["scores"] = torch.tensor(scores["score"])
+save_file(out, "mixed.safetensors")
+print(json.dumps({"modules": [c.__module__ for c in type(model).__mro__]}))
+"""
+
+
+def test_remote_code_model_scored_with_installed_hf_turnover(saved):
+    """Regression: the remote copy once kept its own context, so installed hf_turnover scored all zeros."""
+    model, tokenizer, train, tmp = saved
+    batch = _batch(tokenizer, len(IDS))
+    target = {**{k: v[1].tolist() for k, v in batch.items()}, "label": 1}
+    env = fresh_env(tmp / "hf_home_mixed")
+    args = [str(tmp / "model"), json.dumps(IDS), json.dumps({k: v.tolist() for k, v in batch.items()})]
+    info = run_fresh(MIXED_SCORES, tmp, env, *args, json.dumps(target), block=False)
+    assert any(m.startswith("transformers_modules") for m in info["modules"]), info  # the remote copy
+    mixed = load_file(str(tmp / "mixed.safetensors"))
+    with torch.no_grad():
+        for mode in ("own", "flip"):
+            with turnover_context(IDS, mode):
+                assert torch.equal(model(**batch).logits, mixed[mode]), mode
+    local = estimate_influence(model, load_training_set(tmp / "model", None), [target], progress=False)
+    assert torch.equal(torch.tensor(local["score"]), mixed["scores"])
+    assert mixed["scores"].abs().max() > 0
+
+
 def test_installed_code_loads_without_remote_code(saved):
     model, tokenizer, _, tmp = saved
     from transformers import AutoModelForSequenceClassification
@@ -223,3 +266,11 @@ def test_adapter_only_checkpoint_loads_on_its_pinned_backbone(tmp_path, monkeypa
     model.config.save_pretrained(tmp_path / "adapter_only")
     with pytest.raises(ValueError, match="not the ones this checkpoint was trained on"):
         TurnoverBertForSequenceClassification.from_pretrained(tmp_path / "adapter_only")
+
+
+def test_card_template_ships_inside_the_package():
+    """Wheels carry package data only: the template under resources/ is (a link to) the one in model_cards/."""
+    from hf_turnover.card import TEMPLATE
+
+    assert TEMPLATE.is_relative_to(PACKAGE)
+    assert TEMPLATE.read_text() == (PACKAGE.parent / "model_cards" / "turnover_model_card.md").read_text()

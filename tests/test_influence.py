@@ -1,5 +1,7 @@
 """The scoring engine equals a slow row-by-row reference, in every fast path."""
 
+import os
+
 import datasets
 import pytest
 import torch
@@ -130,6 +132,24 @@ def test_self_influence_equals_estimate_on_itself(setup):
         assert single["score"][0] == pytest.approx(own["score"][row], abs=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_formatted_datasets_score_like_plain_ones(setup, kind):
+    """A torch- or numpy-formatted training set returns its ids as tensors/arrays; scores must not change."""
+    train, targets = setup
+    model = make_tiny_bert()
+    formatted = train.with_format(kind)
+    plain = estimate_influence(model, train, targets, progress=False)
+    assert (
+        estimate_influence(model, formatted, targets.with_format(kind), progress=False)["score"]
+        == (plain["score"])
+    )
+    assert (
+        self_influence(model, formatted, progress=False)["score"]
+        == self_influence(model, train, progress=False)["score"]
+    )
+    assert formatted.format["type"] == kind  # the caller's dataset keeps its format
+
+
 def test_self_influence_pads_rows_of_different_lengths():
     model = make_tiny_bert()
     train = datasets.Dataset.from_dict(
@@ -172,6 +192,9 @@ def test_save_load_and_combine(tmp_path, setup):
     a = estimate_influence(model, train, targets.select([0]), progress=False)
     b = estimate_influence(model, train, targets.select([1]), progress=False)
     path = save_scores(a, tmp_path / "a.parquet")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as a plain open() would, not the temp file's 0600
     loaded = load_scores(path)
     assert loaded["score"] == a["score"] and score_arguments(loaded) == score_arguments(a)
     assert len(combine_scores([loaded, b])) == len(a) + len(b)
@@ -218,3 +241,22 @@ def test_trainer_records_fingerprint_and_scoring_refuses_another_set(tmp_path, s
         estimate_influence(model, changed, targets, progress=False)
     with pytest.raises(ValueError, match="is not the one the model was trained on"):
         self_influence(model, train.select(range(23)), progress=False)
+
+
+def test_adapters_attention_copies_are_skipped_only_while_scoring(setup):
+    import adapters.models.bert.modeling_bert as adapters_bert
+    from adapters.composition import match_attn_matrices_for_parallel as original
+
+    from hf_turnover.reuse import without_identity_repeats
+
+    q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 3, 8), torch.randn(1, 4, 3, 8)
+    with without_identity_repeats():
+        assert adapters_bert.match_attn_matrices_for_parallel is not original
+        same = adapters_bert.match_attn_matrices_for_parallel(q, k, v[:1].expand(2, -1, -1, -1))
+        assert same[0] is q and same[1] is k  # no copy when the batch sizes match
+        repeated = adapters_bert.match_attn_matrices_for_parallel(q, k, v)  # a Parallel split: as before
+        assert all(torch.equal(a, b) for a, b in zip(repeated, original(q, k, v), strict=True))
+    assert adapters_bert.match_attn_matrices_for_parallel is original
+    train, targets = setup
+    estimate_influence(make_tiny_bert(), train, targets.select([0]), progress=False)
+    assert adapters_bert.match_attn_matrices_for_parallel is original
