@@ -1,9 +1,9 @@
 """Speed of turn-over influence scoring: issue 3, "Speed: compute only what depends on the masks".
 
-Run from the repository root (CPU, about 15 minutes on 2 busy cores; 1 thread is steadier when other jobs
-share the cores, and the matmul peak is measured with the same thread count):
+Run from the repository root on an otherwise idle machine (CPU: about 6 minutes on 2 cores; the matmul peak
+is measured with the same thread count; ``--threads 1`` is steadier when other jobs share the cores):
 
-    python3 benchmarks/speed.py --threads 1 --output_json benchmarks/speed.json
+    python3 benchmarks/speed.py --threads 2 --output_json benchmarks/speed.json
 
 GPU mode (written for a CUDA machine; the 2-core CPU machine it was written on has none, so it has only been
 run on CPU with small sizes): 10,000 training ids for one target on a BERT-base-sized adapter model, bf16,
@@ -20,9 +20,10 @@ per-round ratios, so load from other processes hits both sides of a ratio alike.
   hidden 256; ``--bert_base``: 12 layers, hidden 768), one target of ``--seq_len`` tokens. Cases:
   ``all_adapters`` masks every adapter + the classifier input (the paper's set-up); ``top_layer`` masks the
   last layer's two adapters + the classifier input.
-* Instances scored per second for one target: the engine (``TurnoverScorer``, ``--batch_size_*`` ids per
-  forward, own and flipped rows in one forward, prefix replayed, positions sliced where possible) and the
-  same at batch 256 (``estimate_influence``'s default); (a) a naive loop: one id at a time, two batch-1
+* Instances scored per second for one target: the engine (``TurnoverScorer`` with its default chunk size,
+  or ``--batch_size_*`` ids per forward; own and flipped rows in one forward, prefix replayed, positions
+  sliced where possible) and the same at a fixed 256 ids per forward (the default before chunks were sized
+  to the input); (a) a naive loop: one id at a time, two batch-1
   forwards; (b) the authors' reference style: the target copied to 100 rows, the whole model run per batch
   of 100 ids under each mask; (c) Captum ``TracInCPFast`` (classifier gradients) and ``TracInCP`` (gradients
   of the masked adapters + classifier) on random training rows of the same length. Before timing, the
@@ -105,12 +106,16 @@ class SpeedArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the weights and data."})
 
 
-def sizes(args: SpeedArguments, case: str, gpu: bool) -> tuple[int, int]:
-    """(ids per engine timing, ids per forward) for a case."""
-    top = case == "top_layer"
+def sizes(args: SpeedArguments, setup: Setup, gpu: bool) -> tuple[int, int]:
+    """(ids per engine timing, ids per forward) for a case. Ids per forward: ``--batch_size_*``, else the
+    engine's default for this input (``batch_size=None``: about 4k rows x computed positions per forward on
+    the CPU, which keeps the activations in cache; all_adapters: 32 ids = 64 rows x 64 positions)."""
+    top = setup.case == "top_layer"
     n = args.engine_ids or (10000 if gpu else (16384 if top else 256))
-    batch = args.batch_size_top if top else args.batch_size_all
-    return n, batch or min(n, (10000 if top else 1024) if gpu else (1024 if top else 128))
+    batch = (args.batch_size_top if top else args.batch_size_all) or engine(setup, None).ids_per_forward(
+        setup.inputs
+    )
+    return n, min(n, batch)
 
 
 def case_jobs(case: str, args: SpeedArguments, gpu: bool) -> dict:
@@ -119,7 +124,7 @@ def case_jobs(case: str, args: SpeedArguments, gpu: bool) -> dict:
         bert_base=args.bert_base, device=args.device, bf16=args.bf16, seq_len=args.seq_len, seed=args.seed
     )
     setup, codebook = build_setup(case, "hash", **kw), build_setup(case, "codebook", **kw)
-    n, batch = sizes(args, case, gpu)
+    n, batch = sizes(args, setup, gpu)
     ids = torch.arange(max(n, args.reference_ids, args.naive_ids))
     fast, default, coded = engine(setup, batch), engine(setup, 256), engine(codebook, batch)
     x, y, xc, yc = setup.inputs, setup.labels, codebook.inputs, codebook.labels

@@ -9,10 +9,12 @@ from .fingerprint import training_fingerprint
 from .hub import push_turnover_model, register_with_transformers, save_turnover_model
 from .influence import estimate_influence, mean_influence, self_influence
 from .model import add_turnover, get_turnover_config, load_turnover, remove_turnover, turnover_layers
+from .modeling_turnover import TurnoverBertConfig, TurnoverBertForSequenceClassification
 from .pipeline_turnover import InfluencePipeline
 from .plots import plot_learning_curves, plot_self_influence
 from .results import combine_scores, load_scores, push_scores, save_scores, score_arguments
 from .trainer import TurnoverCollator, TurnoverTrainer, TurnoverTrainingArguments
+from .training_set import load_training_set
 from .variants import average_scores, ensemble_influence
 
 __version__ = "0.1.0"
@@ -23,6 +25,8 @@ register_with_transformers()
 __all__ = [
     "InfluencePipeline",
     "LearningCurveCallback",
+    "TurnoverBertConfig",
+    "TurnoverBertForSequenceClassification",
     "TurnoverCollator",
     "TurnoverConfig",
     "TurnoverTrainer",
@@ -37,6 +41,7 @@ __all__ = [
     "estimate_influence",
     "explain_prediction",
     "load_scores",
+    "load_training_set",
     "mean_influence",
     "plot_learning_curves",
     "push_turnover_model",

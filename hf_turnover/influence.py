@@ -107,7 +107,7 @@ def estimate_influence(
     variant: str = "own",
     train_ids: Sequence[int] | torch.Tensor | None = None,
     top_k: int | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     loss_fn: LossFn | None = None,
     forward_fn: Callable | None = None,
     dtype: torch.dtype | None = None,
@@ -128,7 +128,9 @@ def estimate_influence(
             else the row index is the target id.
         train_ids: score only these training ids.
         top_k: keep only the ``top_k`` most helpful and ``top_k`` most harmful instances per target.
-        batch_size: training ids per forward pass.
+        batch_size: training ids per forward pass; ``None`` sizes chunks to the input and device (about 4k
+            rows x computed positions on the CPU: 32 ids for 64 tokens with every adapter masked, 2048 when
+            only the [CLS] position is computed past the first masked layer).
         dtype: autocast dtype (e.g. ``torch.bfloat16``); ``None`` runs in the model's dtype.
         positions: positions the loss reads (``"auto"``: ``[0]`` for [CLS]-pooled classifiers); when every
             masked layer runs after the last attention, only these are computed there. ``None`` disables.

@@ -61,7 +61,7 @@ class InfluencePipeline(Pipeline):
     Call with a text or a list of texts. Options (at construction or per call): ``top_k`` (instances per
     side, default 5), ``restrict_to_label`` (``True``: only training instances carrying the predicted label,
     i.e. for a wrong prediction the paper's "influential instances with the error label"; or a label id or
-    name), ``batch_size`` (training instances per forward pass, default 256), ``max_length`` (tokens; longer
+    name), ``batch_size`` (training instances per forward pass; default: sized to the input and device), ``max_length`` (tokens; longer
     texts are truncated and the output says ``"truncated": True``). Construction takes ``train_dataset``
     when no training set travels with the model.
 
@@ -77,7 +77,8 @@ class InfluencePipeline(Pipeline):
 
     def __init__(self, *args: Any, train_dataset: datasets.Dataset | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.scoring_batch_size = _positive_int("batch_size", self._batch_size or 256)
+        # None: chunks sized to the input and device (see TurnoverScorer)
+        self.scoring_batch_size = _positive_int("batch_size", self._batch_size) if self._batch_size else None
         self._batch_size = None  # inputs are explained one by one; batch_size means training instances
         if self.tokenizer is None:
             self.tokenizer = _backbone_tokenizer(self.model)

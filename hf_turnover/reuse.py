@@ -63,10 +63,12 @@ def _start_order(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[lis
         for name, module in model.named_modules()
         if name
     ]
+    training = model.training
     try:
         with torch.inference_mode():
-            model(**inputs)
+            model.eval()(**inputs)  # eval: unmasked outside a context, no dropout
     finally:
+        model.train(training)
         for handle in handles:
             handle.remove()
     modules = dict(model.named_modules())

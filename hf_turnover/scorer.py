@@ -13,11 +13,21 @@ from transformers.utils import logging
 from .context import turnover_context
 from .inputs import LossFn, logits_of, per_row_loss
 from .model import get_turnover_config, turnover_layers
-from .reuse import PrefixCache, keep_positions, read_positions, tail_entry, without_identity_repeats
+from .reuse import (
+    PrefixCache,
+    keep_positions,
+    positionwise_entry,
+    read_positions,
+    tail_entry,
+    without_identity_repeats,
+)
 
 logger = logging.get_logger(__name__)
 
 VARIANTS = ("own", "full")
+# Rows x computed positions per forward when ``batch_size=None``. On the CPU about 4k keeps a tiny BERT's
+# activations in cache (larger chunks ran 1.4-1.7x slower in benchmarks/speed.py); a GPU wants larger ones.
+ROW_POSITIONS_PER_FORWARD = {"cpu": 4096, "cuda": 131072}
 
 
 class TurnoverScorer:
@@ -25,6 +35,10 @@ class TurnoverScorer:
 
     ``variant="own"`` scores ``L(flip) - L(own)`` (the paper's estimator); ``"full"`` scores ``L(flip) -
     L(full)`` (its footnote 4). Positive: the training instance helped, i.e. the loss is lower with it.
+
+    ``batch_size`` is the number of training ids per forward (each gives an own and a flipped row); ``None``
+    sizes it to the input: about ``ROW_POSITIONS_PER_FORWARD`` rows x positions computed past the first
+    masked layer.
     """
 
     def __init__(
@@ -32,7 +46,7 @@ class TurnoverScorer:
         model: nn.Module,
         *,
         variant: str = "own",
-        batch_size: int = 256,
+        batch_size: int | None = None,
         loss_fn: LossFn | None = None,
         forward_fn: Callable[[nn.Module, dict[str, torch.Tensor]], Any] | None = None,
         dtype: torch.dtype | None = None,
@@ -46,8 +60,10 @@ class TurnoverScorer:
                 f"{type(model).__name__} has no turn-over layers, so there is no influence to read. Load a model "
                 "trained with TurnoverTrainer (hf_turnover.load_turnover(model) after from_pretrained)."
             )
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(
+                f"batch_size must be >= 1 (or None to size chunks to the input), got {batch_size}."
+            )
         self.model = model
         self.config = get_turnover_config(model)
         self.variant = variant
@@ -58,6 +74,7 @@ class TurnoverScorer:
         self.positions = read_positions(model) if positions == "auto" else positions
         self.device = next(model.parameters()).device
         self._entry_name: str | None | bool = False  # False: not probed yet
+        self._masked_positions: int | None = None  # positions the masked layers compute (probed once)
         # Record the unmasked prefix in a target's first chunk and replay it in the others (checked once).
         self.reuse_prefix = reuse_prefix
         self._prefix_checked = False
@@ -99,11 +116,12 @@ class TurnoverScorer:
             base = None
             if self.variant == "full":
                 base = self.losses(inputs, labels, ids[:1], "full")
+            step = self.ids_per_forward(inputs)
             prefix = None
-            if self.reuse_prefix and len(ids) > self.batch_size:
+            if self.reuse_prefix and len(ids) > step:
                 prefix = PrefixCache(self.model, list(turnover_layers(self.model)))
-            for start in range(0, len(ids), self.batch_size):
-                chunk = ids[start : start + self.batch_size]
+            for start in range(0, len(ids), step):
+                chunk = ids[start : start + step]
                 if prefix is None:
                     scores[start : start + len(chunk)] = self._chunk(inputs, labels, chunk, base)
                     continue
@@ -145,6 +163,19 @@ class TurnoverScorer:
             flip = self.row_losses(inputs, labels, ids, "flip")
             other = self.row_losses(inputs, labels, ids, "full" if self.variant == "full" else "own")
         return (flip - other).float().cpu()
+
+    def ids_per_forward(self, inputs: dict[str, torch.Tensor]) -> int:
+        """``batch_size``, or when it is ``None``: as many ids as fit the row-position budget of the device."""
+        if self.batch_size is not None:
+            return self.batch_size
+        if self._masked_positions is None:
+            length = max((v.shape[1] for v in inputs.values() if v.dim() >= 2), default=1)
+            sliced = self._entry(inputs) is not None and positionwise_entry(
+                self.model, inputs, list(turnover_layers(self.model))
+            )
+            self._masked_positions = len(self.positions) if sliced else length
+        budget = ROW_POSITIONS_PER_FORWARD.get(self.device.type, ROW_POSITIONS_PER_FORWARD["cuda"])
+        return max(1, budget // (2 * self._masked_positions))
 
     def _entry(self, inputs: dict[str, torch.Tensor]) -> str | None:
         if not self.positions or not any(v.dim() >= 2 for v in inputs.values()):

@@ -76,6 +76,24 @@ def test_batch_size_does_not_change_scores(setup):
     a = estimate_influence(model, train, targets, batch_size=1, progress=False)
     b = estimate_influence(model, train, targets, batch_size=64, progress=False)
     torch.testing.assert_close(_scores(a, 1), _scores(b, 1), atol=1e-6, rtol=1e-5)
+    auto = estimate_influence(model, train, targets, progress=False)  # batch_size=None: sized to the input
+    torch.testing.assert_close(_scores(auto, 1), _scores(b, 1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "config, computed_positions", [(TurnoverConfig(), 8), (TOP_ONLY, 1)], ids=["all_adapters", "top_layer"]
+)
+def test_default_chunk_fits_the_row_position_budget(setup, config, computed_positions):
+    """Masks below the last attention compute every position; masks above it only the [CLS] position."""
+    from hf_turnover.scorer import ROW_POSITIONS_PER_FORWARD, TurnoverScorer
+
+    _, targets = setup
+    scorer = TurnoverScorer(make_tiny_bert(turnover=config))
+    inputs = {k: torch.tensor([targets[1][k]]) for k in ("input_ids", "attention_mask")}
+    assert inputs["input_ids"].shape[1] == 8
+    expected = ROW_POSITIONS_PER_FORWARD["cpu"] // (2 * computed_positions)
+    assert scorer.ids_per_forward(inputs) == expected
+    assert TurnoverScorer(make_tiny_bert(turnover=config), batch_size=3).ids_per_forward(inputs) == 3
 
 
 def test_position_slicing_is_used_and_equals_plain_path(setup):
