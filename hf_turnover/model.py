@@ -84,6 +84,11 @@ def turnover_layers(model: nn.Module) -> dict[str, str]:
     return {name: hook.where for name, (hook, _) in getattr(model, _HOOKS_ATTR, {}).items()}
 
 
+def turnover_hooks(model: nn.Module) -> dict[str, TurnoverHook]:
+    """``{module name: its TurnoverHook}`` (empty if unpatched)."""
+    return {name: hook for name, (hook, _) in getattr(model, _HOOKS_ATTR, {}).items()}
+
+
 def get_turnover_config(model: nn.Module) -> TurnoverConfig | None:
     """The config of a patched model, or the one saved in its ``config.json`` (``None`` if neither)."""
     if getattr(model, "turnover_config", None) is not None:

@@ -12,11 +12,10 @@ from transformers.utils import logging
 
 from .context import turnover_context
 from .inputs import LossFn, logits_of, per_row_loss
-from .model import get_turnover_config, turnover_layers
+from .model import get_turnover_config, turnover_hooks, turnover_layers
 from .reuse import (
     PrefixCache,
     keep_positions,
-    positionwise_entry,
     read_positions,
     tail_entry,
     without_identity_repeats,
@@ -74,7 +73,7 @@ class TurnoverScorer:
         self.positions = read_positions(model) if positions == "auto" else positions
         self.device = next(model.parameters()).device
         self._entry_name: str | None | bool = False  # False: not probed yet
-        self._masked_positions: int | None = None  # positions the masked layers compute (probed once)
+        self._positions_per_row: dict[tuple, int] = {}  # per input shape: positions at the masked layers
         # Record the unmasked prefix in a target's first chunk and replay it in the others (checked once).
         self.reuse_prefix = reuse_prefix
         self._prefix_checked = False
@@ -108,15 +107,11 @@ class TurnoverScorer:
         ids = ids.to(self.device)  # once: a host id tensor would be copied to the device in every layer
         scores = torch.empty(len(ids), dtype=torch.float32, device=self.device)
         with ExitStack() as stack:
-            stack.enter_context(without_identity_repeats())
-            entry = self._entry(inputs)
-            if entry is not None:
-                length = next(v.shape[1] for v in inputs.values() if v.dim() >= 2)
-                stack.enter_context(keep_positions(self.model, entry, self.positions, length))
+            self._enter_fast_paths(stack, inputs)
             base = None
             if self.variant == "full":
                 base = self.losses(inputs, labels, ids[:1], "full")
-            step = self.ids_per_forward(inputs)
+            step = self._ids_per_forward(inputs)
             prefix = None
             if self.reuse_prefix and len(ids) > step:
                 prefix = PrefixCache(self.model, list(turnover_layers(self.model)))
@@ -164,18 +159,56 @@ class TurnoverScorer:
             other = self.row_losses(inputs, labels, ids, "full" if self.variant == "full" else "own")
         return (flip - other).float().cpu()
 
+    def _enter_fast_paths(self, stack: ExitStack, inputs: dict[str, torch.Tensor]) -> None:
+        stack.enter_context(without_identity_repeats())
+        entry = self._entry(inputs)
+        if entry is not None:
+            length = next(v.shape[1] for v in inputs.values() if v.dim() >= 2)
+            stack.enter_context(keep_positions(self.model, entry, self.positions, length))
+
+    @torch.inference_mode()
     def ids_per_forward(self, inputs: dict[str, torch.Tensor]) -> int:
-        """``batch_size``, or when it is ``None``: as many ids as fit the row-position budget of the device."""
+        """Training ids per forward for this input: ``batch_size``, or when it is ``None`` as many as fit
+        ``ROW_POSITIONS_PER_FORWARD`` rows x positions computed at the masked layers."""
         if self.batch_size is not None:
             return self.batch_size
-        if self._masked_positions is None:
-            length = max((v.shape[1] for v in inputs.values() if v.dim() >= 2), default=1)
-            sliced = self._entry(inputs) is not None and positionwise_entry(
-                self.model, inputs, list(turnover_layers(self.model))
-            )
-            self._masked_positions = len(self.positions) if sliced else length
+        self.model.eval()
+        with ExitStack() as stack:
+            self._enter_fast_paths(stack, inputs)
+            return self._ids_per_forward(inputs)
+
+    def _ids_per_forward(self, inputs: dict[str, torch.Tensor]) -> int:
+        if self.batch_size is not None:
+            return self.batch_size
+        shapes = tuple((k, tuple(v.shape)) for k, v in inputs.items() if isinstance(v, torch.Tensor))
+        if shapes not in self._positions_per_row:
+            self._positions_per_row[shapes] = self._probe_positions(inputs)
         budget = ROW_POSITIONS_PER_FORWARD.get(self.device.type, ROW_POSITIONS_PER_FORWARD["cuda"])
-        return max(1, budget // (2 * self._masked_positions))
+        return max(1, budget // (2 * self._positions_per_row[shapes]))
+
+    def _probe_positions(self, inputs: dict[str, torch.Tensor]) -> int:
+        """Positions per row at the masked layers (tokens, pixels; 1 for a head), the most over them, from one
+        forward of one id through the current fast paths (position slicing included)."""
+        seen = [1]
+
+        def record(x: Any, hook: Any) -> None:
+            if isinstance(x, torch.Tensor) and x.dim() >= 2:
+                seen.append(max(1, x[0].numel() // x.shape[hook.unit_dim]))
+
+        handles = []
+        for name, hook in turnover_hooks(self.model).items():
+            module = self.model.get_submodule(name)
+            if hook.where == "output":
+                handles.append(module.register_forward_hook(lambda m, a, out, h=hook: record(out, h)))
+            else:
+                handles.append(module.register_forward_pre_hook(lambda m, a, h=hook: record(a[0], h)))
+        try:
+            with turnover_context([0], "own", broadcast=True, paired=True), self._autocast():
+                self.forward_fn(self.model, inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return max(seen)
 
     def _entry(self, inputs: dict[str, torch.Tensor]) -> str | None:
         if not self.positions or not any(v.dim() >= 2 for v in inputs.values()):

@@ -6,6 +6,7 @@ import datasets
 import pytest
 import torch
 from conftest import make_tiny_bert, make_token_dataset
+from torch import nn
 
 from hf_turnover import (
     TurnoverConfig,
@@ -94,6 +95,29 @@ def test_default_chunk_fits_the_row_position_budget(setup, config, computed_posi
     expected = ROW_POSITIONS_PER_FORWARD["cpu"] // (2 * computed_positions)
     assert scorer.ids_per_forward(inputs) == expected
     assert TurnoverScorer(make_tiny_bert(turnover=config), batch_size=3).ids_per_forward(inputs) == 3
+
+
+class _ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 16)
+        self.out = nn.Linear(16, 2)
+
+    def forward(self, pixel_values):
+        return self.out(torch.relu(self.fc(torch.relu(self.conv(pixel_values)).flatten(1))))
+
+
+@pytest.mark.parametrize("targets, positions", [("conv|fc", 36), ("fc", 1)], ids=["conv", "dense"])
+def test_default_chunk_counts_pixels_not_features(targets, positions):
+    """Features and channels are units, not positions: only pixels (and tokens) multiply the rows."""
+    from hf_turnover import add_turnover
+    from hf_turnover.scorer import ROW_POSITIONS_PER_FORWARD, TurnoverScorer
+
+    net = add_turnover(_ConvNet(), TurnoverConfig(target_modules=targets, head_modules="out"))
+    scorer = TurnoverScorer(net, forward_fn=lambda m, x: m(**x))
+    inputs = {"pixel_values": torch.randn(1, 1, 6, 6)}
+    assert scorer.ids_per_forward(inputs) == ROW_POSITIONS_PER_FORWARD["cpu"] // (2 * positions)
 
 
 def test_position_slicing_is_used_and_equals_plain_path(setup):
