@@ -1,6 +1,6 @@
 """hf_turnover: training-data influence by turn-over dropout (Kobayashi et al., 2020) for Hugging Face models."""
 
-from .config import TurnoverConfig
+from .config import TurnoverArguments, TurnoverConfig
 from .context import turnover_context
 from .curves import LearningCurveCallback
 from .evaluation import load_faithfulness_metric, random_half_subsets, score_matrix
@@ -25,6 +25,7 @@ register_with_transformers()
 __all__ = [
     "InfluencePipeline",
     "LearningCurveCallback",
+    "TurnoverArguments",
     "TurnoverBertConfig",
     "TurnoverBertForSequenceClassification",
     "TurnoverCollator",

@@ -92,3 +92,40 @@ class TurnoverConfig:
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _option(name: str) -> Any:
+    """A ``TurnoverConfig`` field's default and help, for :class:`TurnoverArguments`."""
+    source = TurnoverConfig.__dataclass_fields__[name]
+    return field(default=source.default, metadata={"help": source.metadata["help"]})
+
+
+@dataclass
+class TurnoverArguments:
+    """``TurnoverConfig`` as command-line options for ``transformers.HfArgumentParser``.
+
+    Every field carries a ``turnover_`` prefix (``--seed`` belongs to ``TrainingArguments``) and module patterns
+    are regex strings (an empty string: none)::
+
+        parser = HfArgumentParser((TurnoverArguments, TurnoverTrainingArguments))
+        turnover_args, training_args = parser.parse_args_into_dataclasses()
+        add_turnover(model, turnover_args.to_config())
+    """
+
+    turnover_p: float = _option("p")
+    turnover_seed: int = _option("seed")
+    turnover_scheme: str = _option("scheme")
+    turnover_codebook_size: int = _option("codebook_size")
+    turnover_codebook_k: int = _option("codebook_k")
+    turnover_target_modules: str = _option("target_modules")
+    turnover_head_modules: str = _option("head_modules")
+    turnover_exclude_modules: str = field(
+        default="", metadata={"help": TurnoverConfig.__dataclass_fields__["exclude_modules"].metadata["help"]}
+    )
+    turnover_id_column: str = _option("id_column")
+
+    def to_config(self) -> TurnoverConfig:
+        values = {f.name.removeprefix("turnover_"): getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("target_modules", "head_modules", "exclude_modules"):
+            values[name] = values[name] or None
+        return TurnoverConfig(**values)

@@ -58,7 +58,7 @@ from transformers import (
 )
 
 from hf_turnover.atomic import atomic_write_text
-from hf_turnover.config import TurnoverConfig
+from hf_turnover.config import TurnoverArguments, TurnoverConfig
 from hf_turnover.curves import LearningCurveCallback
 from hf_turnover.hub import push_turnover_model, save_turnover_model
 from hf_turnover.influence import self_influence
@@ -69,8 +69,6 @@ from hf_turnover.results import save_scores
 from hf_turnover.trainer import TurnoverTrainer, TurnoverTrainingArguments
 
 logger = logging.getLogger("sst2")
-_TURNOVER_HELP = {f.name: f.metadata["help"] for f in TurnoverConfig.__dataclass_fields__.values()}
-_TURNOVER_DEFAULTS = TurnoverConfig()
 
 
 @dataclass
@@ -110,32 +108,6 @@ class DataArguments:
     max_seq_length: int = field(
         default=64, metadata={"help": "Tokens per sentence (longer ones are truncated)."}
     )
-
-
-@dataclass
-class TurnoverArguments:
-    """`TurnoverConfig` fields under a `turnover_` prefix (`--seed` is the Trainer's)."""
-
-    turnover_p: float = field(default=_TURNOVER_DEFAULTS.p, metadata={"help": _TURNOVER_HELP["p"]})
-    turnover_seed: int = field(default=_TURNOVER_DEFAULTS.seed, metadata={"help": _TURNOVER_HELP["seed"]})
-    turnover_scheme: str = field(
-        default=_TURNOVER_DEFAULTS.scheme, metadata={"help": _TURNOVER_HELP["scheme"]}
-    )
-    turnover_target_modules: str = field(
-        default=_TURNOVER_DEFAULTS.target_modules, metadata={"help": _TURNOVER_HELP["target_modules"]}
-    )
-    turnover_head_modules: str = field(
-        default=_TURNOVER_DEFAULTS.head_modules, metadata={"help": _TURNOVER_HELP["head_modules"]}
-    )
-
-    def to_config(self) -> TurnoverConfig:
-        return TurnoverConfig(
-            p=self.turnover_p,
-            seed=self.turnover_seed,
-            scheme=self.turnover_scheme,
-            target_modules=self.turnover_target_modules,
-            head_modules=self.turnover_head_modules,
-        )
 
 
 @dataclass

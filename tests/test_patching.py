@@ -223,3 +223,22 @@ def test_config_round_trips_through_save_pretrained(tmp_path):
     load_turnover(fresh)
     with torch.no_grad(), turnover_context([7, 8, 2**40], "flip"):
         assert torch.equal(fresh(input_ids=x).logits, expected)
+
+
+def test_turnover_arguments_parse_next_to_training_arguments():
+    """HfArgumentParser: prefixed options (no clash with the Trainer's --seed), regex strings, '' for none."""
+    from transformers import HfArgumentParser
+
+    from hf_turnover import TurnoverArguments, TurnoverTrainingArguments
+
+    parser = HfArgumentParser((TurnoverArguments, TurnoverTrainingArguments))
+    turnover, training = parser.parse_args_into_dataclasses(
+        ["--output_dir", "unused", "--seed", "7", "--turnover_seed", "3", "--turnover_p", "0.25",
+         "--turnover_target_modules", r"fc\d", "--turnover_head_modules", "", "--turnover_scheme", "codebook"]
+    )  # fmt: skip
+    assert training.seed == 7
+    config = turnover.to_config()
+    assert (config.seed, config.p, config.scheme) == (3, 0.25, "codebook")
+    assert (config.target_modules, config.head_modules, config.exclude_modules) == (r"fc\d", None, None)
+    defaults = parser.parse_args_into_dataclasses(["--output_dir", "unused"])[0].to_config()
+    assert defaults == TurnoverConfig()
