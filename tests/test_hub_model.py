@@ -22,35 +22,64 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hf_turnover"
 REMOTE_ENTRY_FILES = ["modeling_turnover.py", "pipeline_turnover.py"]
 IDS = [1000, 1003, 1007, 1011, 1023, 5, 2**40]
 
-# In the fresh process: logits of a batch under own and flipped masks of IDS, and influence scores.
-FRESH_SCORES = """
+# Run in a fresh process after a header that loads `model` and defines `turnover_context(ids, mode)` and
+# `estimate_influence(train, targets, **kwargs)`: logits of a batch under own and flipped masks of IDS, and
+# influence scores, saved to argv[5].
+SCORE_BODY = """
+ids = json.loads(sys.argv[2])
+batch = {k: torch.tensor(v) for k, v in json.loads(sys.argv[3]).items()}
+out = {}
+with torch.no_grad():
+    for mode in ("own", "flip"):
+        with turnover_context(ids, mode):
+            out[mode] = model(**batch).logits
+train = datasets.Dataset.from_parquet(sys.argv[1] + "/training_set.parquet")
+scores = estimate_influence(train, [dict(json.loads(sys.argv[4]))], progress=False)
+out["scores"] = torch.tensor(scores["score"])
+out["train_ids"] = torch.tensor(scores["train_id"])
+save_file(out, sys.argv[5])
+"""
+IMPORTS = """
 import json, sys
 import datasets, torch
 from safetensors.torch import save_file
 from transformers import AutoModelForSequenceClassification
+"""
+# Without hf_turnover: the model's own remote code.
+FRESH_SCORES = (
+    IMPORTS
+    + """
 try:  # without trust_remote_code: transformers' own error (stdin is closed, so it cannot prompt)
     AutoModelForSequenceClassification.from_pretrained(sys.argv[1])
     refused = ""
 except ValueError as error:
     refused = str(error)
 model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-ids = json.loads(sys.argv[2])
-batch = {k: torch.tensor(v) for k, v in json.loads(sys.argv[3]).items()}
-out = {}
-with torch.no_grad():
-    for mode in ("own", "flip"):
-        with model.turnover_context(ids, mode):
-            out[mode] = model(**batch).logits
-train = datasets.Dataset.from_parquet(sys.argv[1] + "/training_set.parquet")
-targets = [dict(json.loads(sys.argv[4]))]
-scores = model.estimate_influence(train, targets, progress=False)
-out["scores"] = torch.tensor(scores["score"])
-out["train_ids"] = torch.tensor(scores["train_id"])
-save_file(out, "fresh.safetensors")
+turnover_context, estimate_influence = model.turnover_context, model.estimate_influence
+"""
+    + SCORE_BODY
+    + """
 print()  # transformers' prompt (answered by the closed stdin) leaves the line open
 print(json.dumps({"hf_turnover_imported": any(m.startswith("hf_turnover") for m in sys.modules), "refused": refused,
                   "module": type(model).__mro__[0].__module__, "active": str(model.active_adapters)}))
 """
+)
+# With hf_turnover imported too: the remote-code model runs its own copy of the modules, and the installed
+# hf_turnover must still reach its masks (one shared state per process).
+MIXED_SCORES = (
+    IMPORTS
+    + """
+import hf_turnover
+from hf_turnover import turnover_context
+model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+def estimate_influence(train, targets, **kwargs):
+    return hf_turnover.estimate_influence(model, train, targets, **kwargs)
+"""
+    + SCORE_BODY
+    + """
+print(json.dumps({"modules": [c.__module__ for c in type(model).__mro__]}))
+"""
+)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +147,7 @@ def test_fresh_process_without_hf_turnover_gives_identical_masks_and_scores(save
     target = {**{k: v[1].tolist() for k, v in batch.items()}, "label": 1}
     env = fresh_env(tmp / "hf_home")
     args = [str(tmp / "model"), json.dumps(IDS), json.dumps({k: v.tolist() for k, v in batch.items()})]
-    info = run_fresh(FRESH_SCORES, tmp, env, *args, json.dumps(target))
+    info = run_fresh(FRESH_SCORES, tmp, env, *args, json.dumps(target), "fresh.safetensors")
     assert not info["hf_turnover_imported"] and info["active"] == "Stack[task]"
     assert "contains custom code which must be executed" in info["refused"]
     assert "trust_remote_code=True" in info["refused"]
@@ -134,30 +163,6 @@ def test_fresh_process_without_hf_turnover_gives_identical_masks_and_scores(save
     assert fresh["scores"].abs().max() > 0
 
 
-# In a fresh process that also imports hf_turnover: the remote-code model runs its own copy of the modules,
-# and the installed hf_turnover must still reach its masks (one shared state per process).
-MIXED_SCORES = """
-import json, sys
-import datasets, torch
-from safetensors.torch import save_file
-from transformers import AutoModelForSequenceClassification
-import hf_turnover
-model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-ids = json.loads(sys.argv[2])
-batch = {k: torch.tensor(v) for k, v in json.loads(sys.argv[3]).items()}
-out = {}
-with torch.no_grad():
-    for mode in ("own", "flip"):
-        with hf_turnover.turnover_context(ids, mode):
-            out[mode] = model(**batch).logits
-train = datasets.Dataset.from_parquet(sys.argv[1] + "/training_set.parquet")
-scores = hf_turnover.estimate_influence(model, train, [json.loads(sys.argv[4])], progress=False)
-out["scores"] = torch.tensor(scores["score"])
-save_file(out, "mixed.safetensors")
-print(json.dumps({"modules": [c.__module__ for c in type(model).__mro__]}))
-"""
-
-
 def test_remote_code_model_scored_with_installed_hf_turnover(saved):
     """Regression: the remote copy once kept its own context, so installed hf_turnover scored all zeros."""
     model, tokenizer, train, tmp = saved
@@ -165,7 +170,7 @@ def test_remote_code_model_scored_with_installed_hf_turnover(saved):
     target = {**{k: v[1].tolist() for k, v in batch.items()}, "label": 1}
     env = fresh_env(tmp / "hf_home_mixed")
     args = [str(tmp / "model"), json.dumps(IDS), json.dumps({k: v.tolist() for k, v in batch.items()})]
-    info = run_fresh(MIXED_SCORES, tmp, env, *args, json.dumps(target), block=False)
+    info = run_fresh(MIXED_SCORES, tmp, env, *args, json.dumps(target), "mixed.safetensors", block=False)
     assert any(m.startswith("transformers_modules") for m in info["modules"]), info  # the remote copy
     mixed = load_file(str(tmp / "mixed.safetensors"))
     with torch.no_grad():
