@@ -137,26 +137,47 @@ class TurnoverScorer:
         """Replay once against the recorded forward; a model whose prefix has side effects falls back."""
         with prefix.replay():
             replayed = self._chunk(inputs, labels, chunk, base)
+        return prefix if self._replay_matches(replayed, expected) else None
+
+    def _replay_matches(self, replayed: torch.Tensor, computed: torch.Tensor) -> bool:
+        """The once-per-scorer check of prefix replay; on a mismatch, stop replaying (and say so)."""
         self._prefix_checked = True
-        if torch.allclose(replayed, expected, rtol=1e-4, atol=1e-5):
-            return prefix
+        if torch.allclose(replayed, computed, rtol=1e-4, atol=1e-5):
+            return True
         self.reuse_prefix = False
         logger.warning(
             f"{type(self.model).__name__}: replaying the layers below the first masked one changed the scores "
-            f"(max difference {float((replayed - expected).abs().max()):.3g}); they are recomputed for every "
-            "chunk from now on (slower, same scores)."
+            f"(max difference {float((replayed - computed).abs().max()):.3g}); they are recomputed for every "
+            "forward from now on (slower, same scores)."
         )
-        return None
+        return False
 
     @torch.inference_mode()
     def self_scores(
         self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, ids: torch.Tensor
     ) -> torch.Tensor:
-        """``I(z_i, z_i)`` for a batch of training rows, each under its own id."""
+        """``I(z_i, z_i)`` for a batch of training rows, each under its own id.
+
+        The layers below the first masked one run once for both losses: recorded in the first forward and
+        replayed in the second.
+        """
         self.model.eval()
-        with without_identity_repeats():
-            flip = self.row_losses(inputs, labels, ids, "flip")
-            other = self.row_losses(inputs, labels, ids, "full" if self.variant == "full" else "own")
+        other_mode = "full" if self.variant == "full" else "own"
+        with ExitStack() as stack:
+            self._enter_fast_paths(stack, inputs)
+            if not self.reuse_prefix:
+                other = self.row_losses(inputs, labels, ids, other_mode)
+                flip = self.row_losses(inputs, labels, ids, "flip")
+                return (flip - other).float().cpu()
+            prefix = PrefixCache(self.model, list(turnover_layers(self.model)))
+            with prefix.record():
+                other = self.row_losses(inputs, labels, ids, other_mode)
+            with prefix.replay():
+                flip = self.row_losses(inputs, labels, ids, "flip")
+            if not self._prefix_checked:
+                computed = self.row_losses(inputs, labels, ids, "flip")
+                if not self._replay_matches(flip, computed):
+                    flip = computed
         return (flip - other).float().cpu()
 
     def _enter_fast_paths(self, stack: ExitStack, inputs: dict[str, torch.Tensor]) -> None:

@@ -302,3 +302,43 @@ def test_adapters_attention_copies_are_skipped_only_while_scoring(setup):
     train, targets = setup
     estimate_influence(make_tiny_bert(), train, targets.select([0]), progress=False)
     assert adapters_bert.match_attn_matrices_for_parallel is original
+
+
+def test_self_influence_runs_the_unmasked_prefix_once_per_batch(setup):
+    """The own forward records the layers below the first masked one; the flipped forward replays them
+    (the first batch also recomputes once, to check the replay)."""
+    train, _ = setup
+    model = make_tiny_bert(turnover=TOP_ONLY)
+    calls = []  # layer 0 is below the masks; a module inside it is not replayed itself when it has a hook
+    model.bert.encoder.layer[0].intermediate.dense.register_forward_hook(lambda *a: calls.append(1))
+    scores = self_influence(model, train, batch_size=8, progress=False)
+    assert len(calls) == 1 + 3 + 1  # the probe of the model's order, three batches of 8 rows, one check
+    calls.clear()
+    self_influence(model, train, batch_size=8, progress=False, reuse_prefix=False)
+    assert len(calls) == 1 + 3 * 2
+    for row in (0, 13):
+        single = estimate_influence(
+            model, train, train.select([row]), train_ids=[train[row]["instance_id"]], progress=False
+        )
+        assert single["score"][0] == pytest.approx(scores["score"][row], abs=1e-5)
+
+
+def test_prefix_with_side_effects_is_recomputed_and_says_so(setup, caplog):
+    class Drifting(nn.Module):  # a different output on every call: replaying it would change the scores
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            out = self.inner(*args, **kwargs)
+            return out + torch.sin(out * self.calls)
+
+    train, _ = setup
+    model = make_tiny_bert()
+    model.bert.embeddings = Drifting(model.bert.embeddings)
+    with caplog.at_level("WARNING"):
+        self_influence(model, train, batch_size=8, progress=False)
+    assert "replaying the layers below the first masked one changed the scores" in caplog.text
+    # the probe, the first batch's own forward and its check, then two full forwards for each later batch
+    assert model.bert.embeddings.calls == 1 + 2 + 2 * 2
