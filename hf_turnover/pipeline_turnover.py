@@ -61,9 +61,9 @@ class InfluencePipeline(Pipeline):
     Call with a text or a list of texts. Options (at construction or per call): ``top_k`` (instances per
     side, default 5), ``restrict_to_label`` (``True``: only training instances carrying the predicted label,
     i.e. for a wrong prediction the paper's "influential instances with the error label"; or a label id or
-    name), ``batch_size`` (training instances per forward pass; default: sized to the input and device), ``max_length`` (tokens; longer
-    texts are truncated and the output says ``"truncated": True``). Construction takes ``train_dataset``
-    when no training set travels with the model.
+    name), ``batch_size`` (training instances per forward pass; default: sized to the input and device),
+    ``max_length`` (tokens; longer texts are truncated and the output says ``"truncated": True``).
+    Construction takes ``train_dataset`` when no training set travels with the model.
 
     Each output: ``{"prediction": {"label", "score"}, "helpful": [...], "harmful": [...], "truncated",
     "restricted_to_label"}``, each instance ``{"id", "text", "label", "score"}``. Empty strings and
