@@ -124,7 +124,16 @@ class TurnoverScorer:
                     scores[start : start + len(chunk)] = self._chunk(inputs, labels, chunk, base)
                 if not start and not self._prefix_checked:
                     prefix = self._check_prefix(prefix, inputs, labels, chunk, base, scores[: len(chunk)])
+        self._warn_if_unmasked(scores)
         return scores.cpu()
+
+    def _warn_if_unmasked(self, scores: torch.Tensor) -> None:
+        if len(scores) > 1 and not scores.any():
+            logger.warning_once(
+                "Every influence score is exactly 0: the turn-over layers did not see the instance ids. A model "
+                "loaded with trust_remote_code from a folder saved by an older hf_turnover keeps its own copy of "
+                "the turn-over state: save it again with this version (hf_turnover.save_turnover_model)."
+            )
 
     def _chunk(self, inputs, labels, chunk: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
         if base is None:  # own and flip in one forward: the hash and the prefix run once

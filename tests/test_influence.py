@@ -342,3 +342,16 @@ def test_prefix_with_side_effects_is_recomputed_and_says_so(setup, caplog):
     assert "replaying the layers below the first masked one changed the scores" in caplog.text
     # the probe, the first batch's own forward and its check, then two full forwards for each later batch
     assert model.bert.embeddings.calls == 1 + 2 + 2 * 2
+
+
+def test_all_zero_scores_warn_that_the_masks_were_not_reached(setup, caplog, monkeypatch):
+    """E.g. a remote-code copy of the layers that reads another state: scoring must not stay silent."""
+    import hf_turnover.layer
+
+    train, targets = setup
+    model = make_tiny_bert()
+    monkeypatch.setattr(hf_turnover.layer, "current_state", lambda: None)  # the hooks see no ids
+    with caplog.at_level("WARNING"):
+        scores = estimate_influence(model, train, targets.select([0]), progress=False)
+    assert not any(scores["score"])
+    assert "Every influence score is exactly 0" in caplog.text
