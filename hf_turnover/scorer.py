@@ -74,7 +74,8 @@ class TurnoverScorer:
         self.device = next(model.parameters()).device
         self._entry_name: str | None | bool = False  # False: not probed yet
         self._positions_per_row: dict[tuple, int] = {}  # per input shape: positions at the masked layers
-        # Record the unmasked prefix in a target's first chunk and replay it in the others (checked once).
+        # Record the unmasked prefix in a target's first chunk and replay it in the others; in self-influence,
+        # record it in the own forward and replay it in the flipped one (checked once per scorer).
         self.reuse_prefix = reuse_prefix
         self._prefix_checked = False
 
