@@ -132,8 +132,8 @@ def estimate_influence(
             rows x computed positions on the CPU: 32 ids for 64 tokens with every adapter masked, 2048 when
             only the [CLS] position is computed past the first masked layer).
         dtype: autocast dtype (e.g. ``torch.bfloat16``); ``None`` runs in the model's dtype.
-        positions: positions the loss reads (``"auto"``: ``[0]`` for [CLS]-pooled classifiers); when every
-            masked layer runs after the last attention, only these are computed there. ``None`` disables.
+        positions: positions the loss reads (``"auto"``: ``[0]`` for [CLS]-pooled classifiers); after the last
+            attention only these are computed. ``None`` disables.
 
     Returns:
         A ``datasets.Dataset`` with columns ``target_id``, ``train_id``, ``score`` whose ``info.description``

@@ -47,7 +47,7 @@ from .layer import TurnoverHook  # noqa: F401
 from .masks import keep_bits  # noqa: F401
 from .model import add_turnover
 from .results import scores_dataset  # noqa: F401
-from .reuse import positionwise_entry  # noqa: F401
+from .reuse import tail_entry  # noqa: F401
 from .scorer import TurnoverScorer  # noqa: F401
 
 logger = logging.get_logger(__name__)

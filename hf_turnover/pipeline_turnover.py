@@ -38,7 +38,7 @@ from .masks import keep_bits  # noqa: F401
 from .model import add_turnover  # noqa: F401
 from .modeling_turnover import copy_code_files, resolve_base_model
 from .results import scores_dataset  # noqa: F401
-from .reuse import positionwise_entry  # noqa: F401
+from .reuse import tail_entry  # noqa: F401
 from .scorer import TurnoverScorer  # noqa: F401
 from .training_set import check_training_set, load_training_set, recorded_fingerprint, save_training_set
 

@@ -6,8 +6,8 @@ broadcast=True)``), so the unmasked prefix runs once per forward, not ``B`` time
 
 After the last attention the network is position-wise, so only the positions the loss reads are needed
 there: :func:`tail_entry` finds the first module after it, and :func:`keep_positions` slices its inputs to
-those positions. When every masked layer runs after the last attention, that is the whole masked part
-(:func:`positionwise_entry`); otherwise it is the last layer's feed-forward.
+those positions. When every masked layer runs after the last attention, that is the whole masked part;
+otherwise it is the last layer's attention output and feed-forward.
 
 Across the forwards of one target (one per chunk of ids) the unmasked prefix is the same: :class:`PrefixCache`
 records it in the first forward and replays it in the others, so only the masked part runs per chunk.
@@ -77,36 +77,11 @@ def _start_order(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[lis
     return order, cores, max((order.index(n) for n in cores), default=-1)
 
 
-def positionwise_entry(
-    model: nn.Module, inputs: dict[str, torch.Tensor], masked: Sequence[str]
-) -> str | None:
-    """The outermost module that starts after the last attention and contains the first masked module.
-
-    Found by recording the order in which modules start during one forward. ``None`` when a masked module
-    runs before or inside the last attention (see :func:`tail_entry` for that case).
-    """
-    order, cores, last_core = _start_order(model, inputs)
-    first = min((order.index(n) for n in masked if n in order), default=None)
-    if first is None:
-        return None
-    name = order[first]
-    parts = name.split(".")
-    for depth in range(1, len(parts) + 1):  # outermost ancestor first
-        candidate = ".".join(parts[:depth])
-        start = order.index(candidate) if candidate in order else -1
-        inside_core = any(candidate.startswith(c + ".") for c in cores)
-        if start > last_core and not inside_core:
-            return candidate
-    return None
-
-
 def tail_entry(model: nn.Module, inputs: dict[str, torch.Tensor]) -> str | None:
     """The first module that starts after the last attention (outside it), or ``None``.
 
     Everything from there on is position-wise whichever layers are masked, so slicing its inputs to the
-    positions the loss reads is exact. When every masked layer runs after the last attention this is where
-    :func:`positionwise_entry` slices, or earlier; with masks below the last attention too, it still saves
-    the work after the last attention at every unread position.
+    positions the loss reads is exact: it saves the work after the last attention at every unread position.
     """
     order, cores, last_core = _start_order(model, inputs)
     for name in order[last_core + 1 :]:
@@ -125,21 +100,21 @@ def _match_without_copies(query: torch.Tensor, key: torch.Tensor, value: torch.T
 
 
 @contextmanager
-def without_identity_repeats() -> Iterator[None]:
-    """Skip the copies adapters makes of every attention's query, key and value.
+def without_identity_repeats(model: nn.Module) -> Iterator[None]:
+    """Skip the copies adapters makes of every attention's query, key and value in ``model``.
 
     ``adapters``' ``match_attn_matrices_for_parallel`` calls ``repeat(1, ...)`` on all three in every attention
     even when their batch sizes already match (no ``Parallel`` composition), and ``repeat`` always copies:
-    about 8% of a scoring forward of a tiny BERT. Inside this context the adapters model modules that use it get
-    a version that returns the tensors unchanged when the sizes match and repeats as before otherwise. The
-    values are the same either way; the modules get the original back on exit.
+    about 8% of a scoring forward of a tiny BERT. Inside this context the modules that define ``model``'s
+    layers and use it get a version that returns the tensors unchanged when the sizes match and repeats as
+    before otherwise. The values are the same either way; the modules get the original back on exit.
     """
+    defining = {type(module).__module__ for module in model.modules()}
     patched = [
-        module
-        for name, module in list(sys.modules.items())
-        if name.startswith("adapters.models.")
-        and _MATCH_ATTN is not None
-        and getattr(module, "match_attn_matrices_for_parallel", None) is _MATCH_ATTN
+        sys.modules[name]
+        for name in defining
+        if _MATCH_ATTN is not None
+        and getattr(sys.modules.get(name), "match_attn_matrices_for_parallel", None) is _MATCH_ATTN
     ]
     for module in patched:
         module.match_attn_matrices_for_parallel = _match_without_copies

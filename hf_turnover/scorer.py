@@ -191,7 +191,7 @@ class TurnoverScorer:
         return (flip - other).float().cpu()
 
     def _enter_fast_paths(self, stack: ExitStack, inputs: dict[str, torch.Tensor]) -> None:
-        stack.enter_context(without_identity_repeats())
+        stack.enter_context(without_identity_repeats(self.model))
         entry = self._entry(inputs)
         if entry is not None:
             length = next(v.shape[1] for v in inputs.values() if v.dim() >= 2)

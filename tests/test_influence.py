@@ -20,7 +20,7 @@ from hf_turnover import (
     turnover_context,
 )
 from hf_turnover.inputs import per_row_loss
-from hf_turnover.reuse import positionwise_entry
+from hf_turnover.reuse import tail_entry
 
 TOP_ONLY = TurnoverConfig(
     target_modules=r"bert\.encoder\.layer\.1\..*adapter_down", head_modules="classifier"
@@ -120,24 +120,16 @@ def test_default_chunk_counts_pixels_not_features(targets, positions):
     assert scorer.ids_per_forward(inputs) == ROW_POSITIONS_PER_FORWARD["cpu"] // (2 * positions)
 
 
-def test_position_slicing_is_used_and_equals_plain_path(setup):
+@pytest.mark.parametrize("config", [TOP_ONLY, TurnoverConfig()], ids=["top_layer", "all_adapters"])
+def test_position_slicing_is_used_and_equals_plain_path(setup, config):
+    """After the last attention only [CLS] is computed, whether the masks start there or below it."""
     train, targets = setup
-    model = make_tiny_bert(turnover=TOP_ONLY).eval()
+    model = make_tiny_bert(turnover=config).eval()
     x = {"input_ids": torch.tensor([targets[0]["input_ids"]])}
-    assert positionwise_entry(
-        model, x, ["bert.encoder.layer.1.attention.output.adapters.task.adapter_down"]
-    ) == ("bert.encoder.layer.1.attention.output")
+    assert tail_entry(model, x) == "bert.encoder.layer.1.attention.output"
     sliced = estimate_influence(model, train, targets, progress=False)
     plain = estimate_influence(model, train, targets, positions=None, progress=False)
     torch.testing.assert_close(_scores(sliced, 0), _scores(plain, 0), atol=1e-5, rtol=1e-4)
-    # With every adapter masked the first masked layer is below the last attention: nothing to slice.
-    full_model = make_tiny_bert().eval()
-    assert (
-        positionwise_entry(
-            full_model, x, ["bert.encoder.layer.0.attention.output.adapters.task.adapter_down"]
-        )
-        is None
-    )
 
 
 def test_top_k_equals_top_k_of_full_matrix(setup):
@@ -292,7 +284,7 @@ def test_adapters_attention_copies_are_skipped_only_while_scoring(setup):
     from hf_turnover.reuse import without_identity_repeats
 
     q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 3, 8), torch.randn(1, 4, 3, 8)
-    with without_identity_repeats():
+    with without_identity_repeats(make_tiny_bert()):
         assert adapters_bert.match_attn_matrices_for_parallel is not original
         same = adapters_bert.match_attn_matrices_for_parallel(q, k, v[:1].expand(2, -1, -1, -1))
         assert same[0] is q and same[1] is k  # no copy when the batch sizes match
