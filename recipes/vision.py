@@ -43,7 +43,6 @@ from hf_turnover.model import add_turnover, turnover_layers
 from hf_turnover.results import save_scores
 from hf_turnover.trainer import TurnoverTrainer
 
-logger = logging.getLogger(__name__)
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
     "T-shirt",
@@ -163,7 +162,9 @@ class VisionArguments:
     num_explained: int = field(default=50, metadata={"help": "Misclassified test images to score."})
     num_shown: int = field(default=6, metadata={"help": "Misclassified test images drawn in the grid."})
     top_k: int = field(default=4, metadata={"help": "Most helpful and most harmful training images per row."})
-    influence_batch_size: int = field(default=512, metadata={"help": "Training ids per scoring forward."})
+    influence_batch_size: int | None = field(
+        default=None, metadata={"help": "Training ids per scoring forward (default: sized to the input)."}
+    )
 
 
 @dataclass

@@ -63,11 +63,6 @@ def tracin_explainer(checkpoints: list[Stack], x_train, y_train, lr: float, work
                     batch_size=256, sample_wise_grads_per_batch=True)  # fmt: skip
 
 
-def tracin(checkpoints, x_train, y_train, x_t, y_t, lr: float, workdir: Path) -> np.ndarray:
-    """TracInCP: sum over checkpoints of ``lr * g_t . g_i`` (Pruthi et al. 2020), via Captum."""
-    return tracin_explainer(checkpoints, x_train, y_train, lr, workdir).influence((x_t, y_t)).detach().numpy()
-
-
 def tracin_self(checkpoints, x_train, y_train, lr: float, workdir: Path) -> np.ndarray:
     return tracin_explainer(checkpoints, x_train, y_train, lr, workdir).self_influence().detach().numpy()
 
