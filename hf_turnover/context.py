@@ -28,7 +28,7 @@ import torch
 from .masks import MASK_MODES, MAX_INSTANCE_ID
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: leaving a context removes exactly its state
 class TurnoverState:
     ids: torch.Tensor  # (B,) int64
     mode: str

@@ -9,6 +9,8 @@ from pathlib import Path
 import datasets
 from matplotlib.figure import Figure  # no pyplot: never changes the user's backend
 
+from .atomic import atomic_path
+
 CURVES = {
     "turnover_own_loss": "train loss, own masks (trained with z)",
     "turnover_flip_loss": "train loss, flipped masks (never saw z)",
@@ -45,9 +47,7 @@ def plot_self_influence(scores: datasets.Dataset, path: str | os.PathLike, bins:
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # the format from the real name's suffix: the temporary one has none
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110)
     return path

@@ -14,7 +14,6 @@ from typing import Any
 
 import datasets
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_path
@@ -42,7 +41,7 @@ def score_arguments(scores: datasets.Dataset) -> dict[str, Any]:
 def save_scores(scores: datasets.Dataset, path: str | os.PathLike) -> Path:
     """Write ``scores`` to a parquet file with its arguments in the file metadata (atomically)."""
     path = Path(path)
-    table = scores.data.table
+    table = scores.with_format("arrow")[:]  # the rows a filter/select/sort kept, in their order
     table = table.replace_schema_metadata(
         {**(table.schema.metadata or {}), METADATA_KEY: scores.info.description.encode()}
     )
@@ -58,10 +57,7 @@ def load_scores(path: str | os.PathLike) -> datasets.Dataset:
     table = table.replace_schema_metadata(
         {k: v for k, v in (table.schema.metadata or {}).items() if k != METADATA_KEY}
     )
-    return datasets.Dataset(
-        pa.Table.from_batches(table.to_batches(), schema=table.schema),
-        info=datasets.DatasetInfo(description=description),
-    )
+    return datasets.Dataset(table, info=datasets.DatasetInfo(description=description))
 
 
 def combine_scores(results: list[datasets.Dataset]) -> datasets.Dataset:

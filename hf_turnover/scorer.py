@@ -172,6 +172,7 @@ class TurnoverScorer:
         replayed in the second.
         """
         self.model.eval()
+        ids = ids.to(self.device)  # once, not in every masked layer
         other_mode = "full" if self.variant == "full" else "own"
         with ExitStack() as stack:
             self._enter_fast_paths(stack, inputs)

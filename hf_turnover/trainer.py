@@ -148,6 +148,8 @@ class TurnoverTrainer(Trainer):
             raise ValueError(self._missing_ids_message("this batch"))
         if ids is not None and len(ids) != _batch_size(inputs):
             raise ValueError(f"{len(ids)} instance ids for a batch of {_batch_size(inputs)} rows.")
+        if isinstance(ids, torch.Tensor):  # once per batch, not once per masked layer
+            ids = ids.to(self.args.device)
         return ids
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], *args, **kwargs) -> torch.Tensor:

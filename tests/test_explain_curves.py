@@ -79,6 +79,8 @@ def test_self_influence_histogram(trained, tmp_path):
     model, train, _ = trained
     scores = self_influence(model, train, progress=False)
     png = plot_self_influence(scores, tmp_path / "hist.png")
-    assert png.stat().st_size > 1000
+    assert png.stat().st_size > 1000 and png.read_bytes().startswith(b"\x89PNG")
+    svg = plot_self_influence(scores, tmp_path / "hist.svg")  # the format follows the file name
+    assert b"<svg" in svg.read_bytes()[:1000]
     # Trained instances are fitted better by their own sub-network: positive mean self-influence.
     assert sum(scores["score"]) / len(scores) > 0

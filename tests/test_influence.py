@@ -237,6 +237,18 @@ def test_save_load_and_combine(tmp_path, setup):
         combine_scores([a, other])
 
 
+def test_saving_a_filtered_or_sorted_result_keeps_only_its_rows(tmp_path, setup):
+    from hf_turnover.evaluation import score_matrix
+
+    train, targets = setup
+    both = estimate_influence(make_tiny_bert(), train, targets.select([0, 1]), progress=False)
+    kept = both.filter(lambda r: r["target_id"] == 1).sort("score")
+    loaded = load_scores(save_scores(kept, tmp_path / "kept.parquet"))
+    assert loaded["score"] == kept["score"] and set(loaded["target_id"]) == {1}
+    matrix, rows, _ = score_matrix(kept)
+    assert rows.tolist() == [1] and matrix.shape == (1, len(train))
+
+
 def test_bfloat16_autocast_scores_close_to_float32(setup):
     train, targets = setup
     model = make_tiny_bert()

@@ -242,3 +242,16 @@ def test_turnover_arguments_parse_next_to_training_arguments():
     assert (config.target_modules, config.head_modules, config.exclude_modules) == (r"fc\d", None, None)
     defaults = parser.parse_args_into_dataclasses(["--output_dir", "unused"])[0].to_config()
     assert defaults == TurnoverConfig()
+
+
+def test_contexts_left_in_any_order_remove_their_own_state():
+    """Nested contexts (or two threads) with several ids each: leaving one must not compare id tensors."""
+    from hf_turnover.context import current_state
+
+    outer = turnover_context([1, 2], "own")
+    state = outer.__enter__()
+    with turnover_context([3, 4], "flip") as inner:
+        assert current_state() is inner
+    assert current_state() is state
+    outer.__exit__(None, None, None)
+    assert current_state() is None
