@@ -194,8 +194,13 @@ class TurnoverBertForSequenceClassification(BertForSequenceClassification):
         config = kwargs.get("config")
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         if not isinstance(config, PretrainedConfig):
-            config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **hub)
-            kwargs["config"] = config
+            source = config or pretrained_model_name_or_path
+            if not getattr(cls.config_class.from_pretrained(source, **hub), "turnover_base_model", None):
+                # A full checkpoint: transformers applies config overrides (num_labels=..., ...) itself.
+                return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            rest = {k: v for k, v in kwargs.items() if k != "config"}
+            config, kwargs = cls.config_class.from_pretrained(source, return_unused_kwargs=True, **rest)
+            kwargs["config"] = config  # with the overrides applied; the rest goes to the model
         base = getattr(config, "turnover_base_model", None)
         if not base:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)

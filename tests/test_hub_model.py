@@ -182,6 +182,12 @@ def test_remote_code_model_scored_with_installed_hf_turnover(saved):
     assert mixed["scores"].abs().max() > 0
 
 
+def test_config_overrides_reach_the_config(saved):
+    _, _, _, tmp = saved
+    loaded = TurnoverBertForSequenceClassification.from_pretrained(tmp / "model", output_hidden_states=True)
+    assert loaded.config.output_hidden_states and loaded.config.turnover_training
+
+
 def test_installed_code_loads_without_remote_code(saved):
     model, tokenizer, _, tmp = saved
     from transformers import AutoModelForSequenceClassification
@@ -266,6 +272,10 @@ def test_adapter_only_checkpoint_loads_on_its_pinned_backbone(tmp_path, monkeypa
     batch = {"input_ids": torch.tensor([[2, 7, 9, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     with torch.no_grad(), turnover_context([4], "own"):
         assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+    overridden = TurnoverBertForSequenceClassification.from_pretrained(
+        tmp_path / "adapter_only", output_hidden_states=True
+    )  # config overrides reach the config, as with any from_pretrained
+    assert overridden.config.output_hidden_states
     reference_changed = {**reference, "sha256": "0" * 64}
     model.config.turnover_base_model = reference_changed
     model.config.save_pretrained(tmp_path / "adapter_only")
