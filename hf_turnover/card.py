@@ -77,10 +77,8 @@ def model_card(
 
 
 def _base_model(model: nn.Module) -> str | None:
-    base = getattr(model.config, "turnover_base_model", None)
-    if base:
-        return base.get("hub_id") or base.get("package")
-    return getattr(model.config, "turnover_backbone", None)
+    base = getattr(model.config, "turnover_base_model", None) or {}  # adapter-only checkpoints record it
+    return base.get("hub_id") or base.get("package")
 
 
 def _adapter_text(model: nn.Module) -> str:

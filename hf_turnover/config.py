@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,10 +87,7 @@ class TurnoverConfig:
         unknown = sorted(set(data) - known)
         if unknown and data.get("format_version", FORMAT_VERSION) <= FORMAT_VERSION:
             raise ValueError(f"Unknown TurnoverConfig keys {unknown}; known keys are {sorted(known)}.")
-        return cls(**{k: v for k, v in data.items() if k in known or k == "format_version"})
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def _option(name: str) -> Any:

@@ -52,15 +52,9 @@ def _shr(x: torch.Tensor, shift: int) -> torch.Tensor:
     return (x >> shift) & ((1 << (64 - shift)) - 1)
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64 finaliser on int64 tensors; multiplication wraps modulo 2**64 on every backend."""
-    x = (x ^ _shr(x, 30)) * _signed(_MUL1)
-    x = (x ^ _shr(x, 27)) * _signed(_MUL2)
-    return x ^ _shr(x, 31)
-
-
 def _mix_(x: torch.Tensor) -> torch.Tensor:
-    """:func:`_mix` in place: the same bits with one temporary instead of eight new tensors."""
+    """splitmix64 finaliser on int64 tensors, in place (one temporary instead of eight new tensors);
+    multiplication wraps modulo 2**64 on every backend."""
     x.bitwise_xor_(_shr(x, 30)).mul_(_signed(_MUL1))
     x.bitwise_xor_(_shr(x, 27)).mul_(_signed(_MUL2))
     return x.bitwise_xor_(_shr(x, 31))
@@ -90,7 +84,7 @@ def _threshold(p: float) -> int:
 
 
 def _row_keys(ids: torch.Tensor, key: int) -> torch.Tensor:
-    return _mix(ids ^ key)  # (B,)
+    return _mix_(ids ^ key)  # (B,)
 
 
 def _unit_counters(width: int, device: torch.device) -> torch.Tensor:
@@ -125,7 +119,7 @@ def codebook_keep_bits(ids: torch.Tensor, width: int, key: int, p: float, size: 
     primitive_ids = torch.arange(size, dtype=torch.int64, device=ids.device)
     codebook = hash_keep_bits(primitive_ids, width, _signed(_mix_int(key)), p ** (1.0 / k))  # (K, d)
     slots = torch.arange(k, dtype=torch.int64, device=ids.device)
-    picks = _uniform53(_mix(_row_keys(ids, key)[:, None] + slots[None, :] * _signed(_GOLDEN))) % group
+    picks = _uniform53(_mix_(_row_keys(ids, key)[:, None] + slots[None, :] * _signed(_GOLDEN))) % group
     picks = picks + slots[None, :] * group  # (B, k), pick r lies in group r
     bits = codebook[picks[:, 0]]  # (B, d)
     for slot in range(1, k):  # AND in place: B x d bits of memory, not B x k x d

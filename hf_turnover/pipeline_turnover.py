@@ -51,7 +51,6 @@ CUSTOM_PIPELINE = {
     "tf": (),
     "type": "text",
 }
-_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only")
 
 
 class InfluencePipeline(Pipeline):
