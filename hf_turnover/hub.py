@@ -26,7 +26,6 @@ from huggingface_hub import HfApi
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerBase
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .atomic import atomic_write_text
 from .card import model_card
 from .default_model import DEFAULT_MODEL_DIR
 from .modeling_turnover import TurnoverBertConfig, TurnoverBertForSequenceClassification
@@ -77,10 +76,9 @@ def save_turnover_model(
             f"save_turnover_model needs a TurnoverBertForSequenceClassification, got {type(model).__name__}. "
             "Build one with TurnoverBertForSequenceClassification.from_backbone(...) and train it."
         )
+    card_text = str(model_card(model, **(card or {})))  # before writing anything: a bad card fails early
     pipe = InfluencePipeline(model=model, tokenizer=tokenizer, train_dataset=train_dataset, task=TASK)
-    pipe.save_pretrained(save_directory)  # atomic; writes model, code, tokenizer and training set
-    card_text = str(model_card(model, **(card or {})))
-    atomic_write_text(Path(save_directory) / "README.md", card_text)
+    pipe.save_pretrained(save_directory, card=card_text)  # atomic: model, code, tokenizer, training set, card
     return Path(save_directory)
 
 

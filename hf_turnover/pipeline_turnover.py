@@ -40,7 +40,13 @@ from .modeling_turnover import copy_code_files, resolve_base_model
 from .results import scores_dataset  # noqa: F401
 from .reuse import tail_entry  # noqa: F401
 from .scorer import TurnoverScorer  # noqa: F401
-from .training_set import check_training_set, load_training_set, recorded_fingerprint, save_training_set
+from .training_set import (
+    INFO_FILE,
+    check_training_set,
+    load_training_set,
+    recorded_fingerprint,
+    save_training_set,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -193,8 +199,17 @@ class InfluencePipeline(Pipeline):
             f"{list(self.model.config.label2id)}."
         )
 
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs):
-        """Write model, tokenizer, training set, card and this pipeline's code into ``save_directory`` (atomic)."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        card: str | None = None,
+        **kwargs,
+    ):
+        """Write model, tokenizer, training set, card and this pipeline's code into ``save_directory`` (atomic).
+
+        ``card``: the model card's text; by default the card of the turn-over model this one was loaded from.
+        """
         if not safe_serialization:
             raise ValueError(
                 "Turn-over pipelines are saved as safetensors only; drop safe_serialization=False."
@@ -205,7 +220,10 @@ class InfluencePipeline(Pipeline):
             copy_code_files(Path(__file__), tmp)
             self.tokenizer.save_pretrained(tmp)
             save_training_set(self.train_dataset, tmp, recorded_fingerprint(self.model) or _fingerprint(self))
-            _copy_card(self.model, tmp)
+            if card is not None:
+                (tmp / "README.md").write_text(card, encoding="utf-8")
+            else:
+                _copy_card(self.model, tmp)
 
 
 def _fingerprint(pipe: InfluencePipeline) -> dict[str, Any]:
@@ -240,14 +258,17 @@ def _backbone_tokenizer(model: Any) -> Any:
 
 
 def _copy_card(model: Any, directory: Path) -> None:
-    """Carry the model card of the folder or repo the model came from, if it has one."""
+    """Carry the model card of the turn-over folder or repo the model came from, if it has one (not the card
+    of a backbone the model was built from)."""
     if not model.name_or_path or (directory / "README.md").exists():
         return
-    hub = {"revision": getattr(model.config, "_commit_hash", None)}
+    hub = {
+        "revision": getattr(model.config, "_commit_hash", None),
+        "_raise_exceptions_for_missing_entries": False,
+    }
     try:
-        card = cached_file(
-            model.name_or_path, "README.md", _raise_exceptions_for_missing_entries=False, **hub
-        )
+        turnover_source = cached_file(model.name_or_path, INFO_FILE, **hub) is not None
+        card = cached_file(model.name_or_path, "README.md", **hub) if turnover_source else None
     except (OSError, ValueError):  # not a folder or repo id (e.g. a model built in memory)
         card = None
     if card is not None:

@@ -242,6 +242,35 @@ def test_failed_save_leaves_the_previous_folder_intact(saved, monkeypatch):
     assert not [p for p in tmp.iterdir() if p.name.startswith(".model.")]  # no temporary folder left
 
 
+def test_card_is_written_inside_the_atomic_save_and_never_a_backbone_card(saved, tmp_path, monkeypatch):
+    from hf_turnover import InfluencePipeline
+
+    model, tokenizer, train, tmp = saved
+    card = (tmp / "model" / "README.md").read_text()
+    assert "turn-over" in card.lower()
+    # A card that cannot be built fails before anything is written.
+    monkeypatch.setattr("hf_turnover.hub.model_card", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        save_turnover_model(model, tmp_path / "never", tokenizer=tokenizer, train_dataset=train)
+    assert not (tmp_path / "never").exists()
+    # Re-saving a loaded turn-over model carries its card; a model built from a backbone folder does not get
+    # that folder's card.
+    loaded = TurnoverBertForSequenceClassification.from_pretrained(tmp / "model")
+    InfluencePipeline(model=loaded, tokenizer=tokenizer).save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "README.md").read_text() == card
+    backbone = tmp_path / "backbone"
+    backbone.mkdir()
+    (backbone / "README.md").write_text("# Some backbone's card")
+    original, model.name_or_path = model.name_or_path, str(backbone)
+    try:
+        InfluencePipeline(model=model, tokenizer=tokenizer, train_dataset=train).save_pretrained(
+            tmp_path / "new"
+        )
+    finally:
+        model.name_or_path = original
+    assert not (tmp_path / "new" / "README.md").exists()
+
+
 def test_adapter_only_checkpoint_loads_on_its_pinned_backbone(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
