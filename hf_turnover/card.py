@@ -7,6 +7,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
+from .fingerprint import recorded_fingerprint
 from .model import get_turnover_config, turnover_layers
 
 # The template is edited in model_cards/ at the top of the source tree; resources/model_cards/ links to it, so
@@ -41,7 +42,7 @@ def model_card(
             f"Model card template {template_path} is missing; it ships with hf_turnover "
             "(hf_turnover/resources/model_cards/). Reinstall hf_turnover or pass template_path=."
         )
-    fingerprint = getattr(model.config, "turnover_training", None) or {}
+    fingerprint = recorded_fingerprint(model) or {}
     base_model = base_model or _base_model(model)
     card_data = ModelCardData(
         language="en",

@@ -26,12 +26,13 @@ import torch
 from safetensors.torch import save_file
 
 from .atomic import atomic_directory, atomic_path
+from .fingerprint import check_fingerprint
 from .modeling_turnover import (
     WEIGHTS_NAME,
     TurnoverBertForSequenceClassification,
     adapter_and_head_state,
 )
-from .training_set import load_training_set, require_match, select_ids, write_reference
+from .training_set import load_training_set, select_ids, write_reference
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "resources" / "default_model"
 BACKBONE = {
@@ -72,7 +73,7 @@ def export_default_model(
     _require_same_backbone(model, backbone_dir / WEIGHTS_NAME)
     id_column = model.turnover_config.id_column
     bundled = select_ids(_bundled_table(training_data), train[id_column], id_column)
-    require_match(recorded, bundled, f"the bundled rows {training_data['path']}")
+    check_fingerprint(recorded, bundled, f"the bundled rows {training_data['path']}")
     with atomic_directory(destination) as tmp:
         config = model.config
         config.turnover_base_model = {**backbone, "sha256": _sha256(backbone_dir / WEIGHTS_NAME)}

@@ -54,15 +54,23 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def check_fingerprint(recorded: dict[str, Any] | None, dataset: datasets.Dataset, id_column: str) -> None:
-    """Raise if ``dataset`` is not the training set ``recorded`` describes (no-op when nothing is recorded)."""
+def recorded_fingerprint(model: Any) -> dict[str, Any] | None:
+    """The training fingerprint a model recorded in training (``None`` for a model not trained by us)."""
+    return getattr(getattr(model, "config", None), FINGERPRINT_KEY, None)
+
+
+def check_fingerprint(
+    recorded: dict[str, Any] | None, dataset: datasets.Dataset, what: str = "train_dataset", escape: str = ""
+) -> None:
+    """Raise unless ``dataset`` (named ``what`` in the error) is the training set ``recorded`` describes;
+    a no-op when nothing was recorded. The id column is the first fingerprinted column."""
     if not recorded:
         return
-    found = training_fingerprint(dataset, id_column, recorded["columns"])
+    found = training_fingerprint(dataset, recorded["columns"][0], recorded["columns"])
     if found["sha256"] != recorded["sha256"]:
         raise ValueError(
-            f"This training set (fingerprint {found['sha256'][:12]}, {found['num_instances']} instances) is not "
-            f"the one the model was trained on ({recorded['sha256'][:12]}, {recorded['num_instances']} "
-            f"instances; columns {recorded['columns']}). Influence scores would be silently wrong: pass the "
-            "exact training set with the same ids, or check_fingerprint=False if you know better."
+            f"Refusing {what}: its fingerprint {found['sha256'][:12]} ({found['num_instances']} instances) is not "
+            f"the one the model was trained on, {recorded['sha256'][:12]} ({recorded['num_instances']} "
+            f"instances, columns {recorded['columns']}). Influence scores against another training set are "
+            f"silently wrong: pass the exact training set, with the same ids, labels and texts{escape}."
         )

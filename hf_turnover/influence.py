@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .context import as_instance_ids
-from .fingerprint import FINGERPRINT_KEY, check_fingerprint
+from .fingerprint import check_fingerprint, recorded_fingerprint
 from .inputs import LossFn, label_column, logits_of, model_input_names, pad_rows, to_batch
 from .results import scores_dataset
 from .scorer import TurnoverScorer
@@ -43,7 +43,11 @@ def training_ids(
                 f"train_dataset has no {id_column!r} column: it must be the set the model trained on."
             )
         if check:
-            check_fingerprint(getattr(model.config, FINGERPRINT_KEY, None), train_dataset, id_column)
+            check_fingerprint(
+                recorded_fingerprint(model),
+                train_dataset,
+                escape=", or check_fingerprint=False if you know better",
+            )
     if train_ids is None:
         if train_dataset is None:
             raise ValueError("Pass train_dataset (the training set) or train_ids (the ids to score).")
@@ -173,7 +177,7 @@ def _top_and_bottom(vector: torch.Tensor, top_k: int | None) -> torch.Tensor:
 
 
 def _arguments(model: nn.Module, scorer: TurnoverScorer, kind: str, ids: torch.Tensor, top_k=None) -> dict:
-    recorded = getattr(model.config, FINGERPRINT_KEY, None) or {}
+    recorded = recorded_fingerprint(model) or {}
     return {
         "kind": kind,
         "variant": scorer.variant,

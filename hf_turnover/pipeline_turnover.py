@@ -30,7 +30,7 @@ from .atomic import atomic_directory
 from .config import TurnoverConfig  # noqa: F401
 from .context import turnover_context  # noqa: F401
 from .explain import explain_prediction
-from .fingerprint import training_fingerprint
+from .fingerprint import check_fingerprint, recorded_fingerprint, training_fingerprint
 from .influence import estimate_influence  # noqa: F401
 from .inputs import per_row_loss  # noqa: F401
 from .layer import TurnoverHook  # noqa: F401
@@ -40,13 +40,7 @@ from .modeling_turnover import copy_code_files, resolve_base_model
 from .results import scores_dataset  # noqa: F401
 from .reuse import tail_entry  # noqa: F401
 from .scorer import TurnoverScorer  # noqa: F401
-from .training_set import (
-    INFO_FILE,
-    check_training_set,
-    load_training_set,
-    recorded_fingerprint,
-    save_training_set,
-)
+from .training_set import INFO_FILE, load_training_set, save_training_set
 
 logger = logging.get_logger(__name__)
 
@@ -89,7 +83,7 @@ class InfluencePipeline(Pipeline):
             self.tokenizer = _backbone_tokenizer(self.model)
         recorded = recorded_fingerprint(self.model)
         if train_dataset is not None:
-            check_training_set(recorded, train_dataset, "train_dataset")
+            check_fingerprint(recorded, train_dataset, "train_dataset")
             self.train_dataset = train_dataset
         elif not self.model.name_or_path:
             raise ValueError(

@@ -23,7 +23,7 @@ import datasets
 from transformers.utils import cached_file
 
 from .atomic import atomic_path, atomic_write_text
-from .fingerprint import FINGERPRINT_KEY, training_fingerprint
+from .fingerprint import check_fingerprint
 
 INFO_FILE = "training_set.json"
 DATA_FILE = "training_set.parquet"
@@ -41,7 +41,7 @@ def save_training_set(
     text_column = text_column or next((c for c in TEXT_COLUMNS if c in dataset.column_names), None)
     columns = list(dict.fromkeys([*fingerprint["columns"], *([text_column] if text_column else [])]))
     subset = dataset.select_columns(columns)
-    require_match(fingerprint, subset, "the training set being saved")
+    check_fingerprint(fingerprint, subset, "the training set being saved")
     with atomic_path(Path(directory) / DATA_FILE) as tmp:
         subset.to_parquet(str(tmp))
     reference = {"kind": "parquet", "file": DATA_FILE, "text_column": text_column}
@@ -86,32 +86,8 @@ def load_training_set(
             f"{INFO_FILE} of {name_or_path} describes a different training set than the model recorded "
             "in training; the folder mixes files of two models. Save the model and its training set again."
         )
-    check_training_set(recorded or info.get("fingerprint"), dataset, f"the training set of {name_or_path}")
+    check_fingerprint(recorded or info.get("fingerprint"), dataset, f"the training set of {name_or_path}")
     return dataset
-
-
-def check_training_set(recorded: dict[str, Any] | None, dataset: datasets.Dataset, what: str) -> None:
-    """Raise unless ``dataset`` (described as ``what``) hashes to the ``recorded`` fingerprint (no-op when
-    nothing was recorded)."""
-    if recorded:
-        require_match(recorded, dataset, what)
-
-
-def recorded_fingerprint(model: Any) -> dict[str, Any] | None:
-    """The training fingerprint a model recorded in training (``None`` for a model not trained by us)."""
-    return getattr(getattr(model, "config", None), FINGERPRINT_KEY, None)
-
-
-def require_match(recorded: dict[str, Any], dataset: datasets.Dataset, what: str) -> None:
-    id_column = recorded["columns"][0]
-    found = training_fingerprint(dataset, id_column, recorded["columns"])
-    if found["sha256"] != recorded["sha256"]:
-        raise ValueError(
-            f"Refusing {what}: its fingerprint {found['sha256'][:12]} ({found['num_instances']} instances) "
-            f"differs from the one recorded in training, {recorded['sha256'][:12]} ({recorded['num_instances']} "
-            f"instances, columns {recorded['columns']}). Influence scores against a changed training set are "
-            "silently wrong: pass the exact training set, with the same ids, labels and texts."
-        )
 
 
 def _resolve(info: dict[str, Any], name_or_path: str | os.PathLike, hub_kwargs: dict) -> datasets.Dataset:
