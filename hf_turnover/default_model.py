@@ -15,7 +15,6 @@ Re-create it from a recipe run::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import os
 import shutil
@@ -31,6 +30,7 @@ from .modeling_turnover import (
     WEIGHTS_NAME,
     TurnoverBertForSequenceClassification,
     adapter_and_head_state,
+    file_sha256,
 )
 from .training_set import load_training_set, select_ids, write_reference
 
@@ -76,7 +76,7 @@ def export_default_model(
     check_fingerprint(recorded, bundled, f"the bundled rows {training_data['path']}")
     with atomic_directory(destination) as tmp:
         config = model.config
-        config.turnover_base_model = {**backbone, "sha256": _sha256(backbone_dir / WEIGHTS_NAME)}
+        config.turnover_base_model = {**backbone, "sha256": file_sha256(backbone_dir / WEIGHTS_NAME)}
         config.adapters = model.adapters_config.to_dict()
         for key in ("auto_map", "custom_pipelines"):  # installed code only: nothing to trust remotely
             config.__dict__.pop(key, None)
@@ -99,14 +99,6 @@ def _bundled_table(training_data: dict[str, Any]):
     import datasets
 
     return datasets.Dataset.from_parquet(str(_package_dir(training_data["package"]) / training_data["path"]))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _require_same_backbone(model: torch.nn.Module, weights: Path) -> None:

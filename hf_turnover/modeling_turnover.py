@@ -18,6 +18,7 @@ that backbone. The embedded default model ships this way.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import logging as std_logging
@@ -262,16 +263,28 @@ def resolve_base_model(reference: dict[str, Any]) -> str:
     )
 
 
-def _check_sha256(path: Path, expected: str | None) -> None:
-    if expected is None:
-        return
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, computed once per (path, size, modification time) in this process."""
+    stat = os.stat(path)
+    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    if digest.hexdigest() != expected:
+    return digest.hexdigest()
+
+
+def _check_sha256(path: Path, expected: str | None) -> None:
+    if expected is None:
+        return
+    found = file_sha256(path)
+    if found != expected:
         raise ValueError(
-            f"The backbone weights at {path} (sha256 {digest.hexdigest()[:12]}) are not the ones this "
+            f"The backbone weights at {path} (sha256 {found[:12]}) are not the ones this "
             f"checkpoint was trained on (sha256 {expected[:12]}). Install the backbone version it names."
         )
 

@@ -274,8 +274,7 @@ def test_card_is_written_inside_the_atomic_save_and_never_a_backbone_card(saved,
 def test_adapter_only_checkpoint_loads_on_its_pinned_backbone(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    from hf_turnover.default_model import _sha256
-    from hf_turnover.modeling_turnover import adapter_and_head_state
+    from hf_turnover.modeling_turnover import adapter_and_head_state, file_sha256
 
     model = make_model().eval()
     package = tmp_path / "site" / "tiny_backbone"
@@ -290,7 +289,7 @@ def test_adapter_only_checkpoint_loads_on_its_pinned_backbone(tmp_path, monkeypa
     reference = {
         "package": "tiny_backbone",
         "path": "model",
-        "sha256": _sha256(package / "model" / "model.safetensors"),
+        "sha256": file_sha256(package / "model" / "model.safetensors"),
     }
     model.config.turnover_base_model = reference
     model.config.adapters = model.adapters_config.to_dict()
