@@ -26,6 +26,7 @@ def explain_prediction(
     text_column: str | None = None,
     check_fingerprint: bool = True,
     progress: bool | None = None,
+    scorer: TurnoverScorer | None = None,
     **scorer_kwargs: Any,
 ) -> dict[str, Any]:
     """The training instances that most supported, and most opposed, the model's prediction on ``target``.
@@ -38,9 +39,15 @@ def explain_prediction(
 
     Returns ``{"prediction": {"label", "score"}, "true_label", "label_used", "label_source", "helpful",
     "harmful"}``; each instance is ``{"train_id", "row", "text", "label", "score"}`` (``row`` indexes
-    ``train_dataset``, e.g. to fetch an image).
+    ``train_dataset``, e.g. to fetch an image). Explaining many targets, pass one ``scorer``
+    (``TurnoverScorer(model, ...)``) to all calls: it probes the model once, not once per target.
     """
-    scorer = TurnoverScorer(model, **scorer_kwargs)
+    if scorer is None:
+        scorer = TurnoverScorer(model, **scorer_kwargs)
+    elif scorer_kwargs or scorer.model is not model:
+        raise ValueError(
+            f"Pass either scorer= (a TurnoverScorer of this model) or scorer options {sorted(scorer_kwargs)}."
+        )
     train_dataset = python_format(train_dataset)
     inputs = to_batch([target], model_input_names(model), scorer.device)
     probabilities = predict(scorer, inputs).softmax(-1)[0]

@@ -39,7 +39,7 @@ from .model import add_turnover  # noqa: F401
 from .modeling_turnover import copy_code_files, resolve_base_model
 from .results import scores_dataset  # noqa: F401
 from .reuse import tail_entry  # noqa: F401
-from .scorer import TurnoverScorer  # noqa: F401
+from .scorer import TurnoverScorer
 from .training_set import INFO_FILE, load_training_set, save_training_set
 
 logger = logging.get_logger(__name__)
@@ -79,6 +79,7 @@ class InfluencePipeline(Pipeline):
         # None: chunks sized to the input and device (see TurnoverScorer)
         self.scoring_batch_size = _positive_int("batch_size", self._batch_size) if self._batch_size else None
         self._batch_size = None  # inputs are explained one by one; batch_size means training instances
+        self._scorers: dict[int | None, TurnoverScorer] = {}
         if self.tokenizer is None:
             self.tokenizer = _backbone_tokenizer(self.model)
         recorded = recorded_fingerprint(self.model)
@@ -149,9 +150,15 @@ class InfluencePipeline(Pipeline):
             restrict_to_label=restrict_to_label,
             check_fingerprint=False,  # checked once, when the training set was attached
             progress=False,
-            batch_size=batch_size or self.scoring_batch_size,
+            scorer=self._scorer(batch_size or self.scoring_batch_size),
         )
         return {**explanation, "truncated": model_inputs["truncated"], "restricted": restrict_to_label}
+
+    def _scorer(self, batch_size: int | None) -> TurnoverScorer:
+        """One scorer per batch size, kept across calls: the model is probed once."""
+        if batch_size not in self._scorers:
+            self._scorers[batch_size] = TurnoverScorer(self.model, batch_size=batch_size)
+        return self._scorers[batch_size]
 
     def postprocess(self, outputs: dict[str, Any]) -> dict[str, Any]:
         name = self._label_name

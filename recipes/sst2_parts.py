@@ -16,6 +16,7 @@ from hf_turnover.config import TurnoverConfig
 from hf_turnover.data import load_text_classification
 from hf_turnover.explain import explain_prediction
 from hf_turnover.model import find_modules
+from hf_turnover.scorer import TurnoverScorer
 
 ID_COLUMN = "instance_id"
 
@@ -90,10 +91,14 @@ def misclassified_report(
         "wrong prediction, `I(z_t, z_i) = L(flip mask of z_i, z_t) - L(own mask of z_i, z_t)` for the predicted "
         "label: **positive = training on z_i pushed the model towards the error.**\n",
     ]
+    scorer = TurnoverScorer(model)  # one for all explanations: the model is probed once
     for rank, index in enumerate(order.tolist(), start=1):
         row = validation_tok[index]
         target = {k: row[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in row}
-        why = explain_prediction(model, train, target, top_k=top_k, restrict_to_label=True, progress=False)
+        why = explain_prediction(
+            model, train, target, top_k=top_k, restrict_to_label=True, progress=False, scorer=scorer,
+            check_fingerprint=rank == 1,  # the same training set every time: hash it once
+        )  # fmt: skip
         label = names[why["prediction"]["label"]]
         lines.append(f"## {rank}. {validation[index][text_column]}\n")
         lines.append(

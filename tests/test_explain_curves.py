@@ -59,6 +59,19 @@ def test_explanation_restricted_to_the_error_label(trained):
         explain_prediction(model, train, target, restrict_to_label=7)
 
 
+def test_one_scorer_serves_many_explanations(trained):
+    from hf_turnover.scorer import TurnoverScorer
+
+    model, train, _ = trained
+    scorer = TurnoverScorer(model, batch_size=4)  # several chunks: the prefix replay is checked once
+    for seed in (9, 10, 11):
+        target = {k: v for k, v in make_token_dataset(1, seed=seed)[0].items() if k != "instance_id"}
+        shared = explain_prediction(model, train, target, top_k=3, scorer=scorer)
+        assert shared == explain_prediction(model, train, target, top_k=3, batch_size=4)
+    with pytest.raises(ValueError, match="either scorer="):
+        explain_prediction(model, train, target, scorer=scorer, batch_size=8)
+
+
 def test_learning_curves_are_logged_and_plotted(trained, tmp_path):
     _, _, trainer = trained
     entries = [e for e in trainer.state.log_history if "turnover_own_loss" in e]
