@@ -8,7 +8,7 @@ import datasets
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .inputs import label_column, model_input_names, pad_rows, to_batch
+from .inputs import padded_batches
 from .model import get_turnover_config
 from .scorer import TurnoverScorer
 
@@ -56,16 +56,8 @@ class LearningCurveCallback(TrainerCallback):
 @torch.inference_mode()
 def _mean_loss(scorer: TurnoverScorer, data: datasets.Dataset, id_column: str | None, mode: str, size: int):
     scorer.model.eval()
-    names = model_input_names(scorer.model)
-    labels = label_column(data.column_names)
-    pad_id = getattr(getattr(scorer.model, "config", None), "pad_token_id", None) or 0
     total = 0.0
-    for start in range(0, len(data), size):
-        batch = data[start : start + size]
-        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-        rows = pad_rows(rows, names, pad_id)
-        inputs = to_batch(rows, names, scorer.device)
-        y = torch.as_tensor([r[labels] for r in rows], device=scorer.device)
+    for rows, inputs, y in padded_batches(data, scorer.model, size, scorer.device):
         ids = (
             torch.as_tensor([r[id_column] for r in rows])
             if id_column

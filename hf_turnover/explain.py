@@ -9,8 +9,8 @@ import datasets
 import torch
 from torch import nn
 
-from .influence import predict, python_format, training_ids
-from .inputs import label_column, model_input_names, to_batch
+from .influence import predict, training_ids
+from .inputs import label_column, model_input_names, python_format, to_batch
 from .scorer import TurnoverScorer
 
 TEXT_COLUMNS = ("sentence", "text")

@@ -6,6 +6,7 @@ of z_i, z_t)``. **Positive: z_i helped z_t** (the loss on z_t is lower in the su
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -18,7 +19,15 @@ from transformers.utils import logging
 
 from .context import as_instance_ids
 from .fingerprint import check_fingerprint, recorded_fingerprint
-from .inputs import LossFn, label_column, logits_of, model_input_names, pad_rows, to_batch
+from .inputs import (
+    LossFn,
+    label_column,
+    logits_of,
+    model_input_names,
+    padded_batches,
+    python_format,
+    to_batch,
+)
 from .results import scores_dataset
 from .scorer import TurnoverScorer
 
@@ -58,11 +67,6 @@ def training_ids(
     if ids.numel() == 0:
         raise ValueError("The training set is empty: there is no instance to score.")
     return ids
-
-
-def python_format(dataset: datasets.Dataset) -> datasets.Dataset:
-    """The dataset read as Python values whatever its format (torch/numpy formats return ids as tensors)."""
-    return dataset.with_format(None) if dataset.format["type"] is not None else dataset
 
 
 def _target_rows(targets: Targets) -> list[dict[str, Any]]:
@@ -230,31 +234,29 @@ def self_influence(
     """``I(z_i, z_i)`` for every training instance (the paper's Figure 7): high values flag instances the
     model fits only through themselves (memorised, atypical or mislabelled). Columns: ``train_id``, ``score``.
 
-    ``train_dataset`` must hold the model inputs and labels (e.g. the tokenized training set).
+    ``train_dataset`` must hold the model inputs and labels (e.g. the tokenized training set). ``batch_size``
+    training rows go through each forward, under their own masks and then their flipped ones; other keyword
+    arguments go to :class:`~hf_turnover.scorer.TurnoverScorer`.
     """
     check = kwargs.pop("check_fingerprint", True)
-    scorer = TurnoverScorer(model, batch_size=batch_size, **kwargs)
+    scorer = TurnoverScorer(model, **kwargs)
     train_dataset = python_format(train_dataset)
     ids = training_ids(model, train_dataset, None, check)
-    names = model_input_names(model)
-    column = label_column(train_dataset.column_names)
-    if column is None:
+    if label_column(train_dataset.column_names) is None:
         raise ValueError(
             f"Self-influence needs labels: train_dataset has no label column ({train_dataset.column_names})."
         )
-    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
     scores = torch.empty(len(ids))
-    starts = range(0, len(ids), batch_size)
-    for start in tqdm(starts, desc="Self-influence", disable=not _show_progress(progress)):
-        batch = train_dataset[start : start + batch_size]
-        rows = pad_rows(
-            [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)],
-            names,
-            pad_id,
-        )
-        inputs = to_batch(rows, names, scorer.device)
-        labels = torch.as_tensor([r[column] for r in rows], device=scorer.device)
+    batches = padded_batches(train_dataset, model, batch_size, scorer.device)
+    start = 0
+    for rows, inputs, labels in tqdm(
+        batches,
+        total=math.ceil(len(ids) / batch_size),
+        desc="Self-influence",
+        disable=not _show_progress(progress),
+    ):
         scores[start : start + len(rows)] = scorer.self_scores(inputs, labels, ids[start : start + len(rows)])
+        start += len(rows)
     return scores_dataset(
         {"train_id": ids.numpy(), "score": scores.numpy()}, _arguments(model, scorer, "self_influence", ids)
     )

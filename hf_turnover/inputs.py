@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import datasets
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,3 +74,21 @@ def logits_of(output: Any) -> torch.Tensor:
     raise TypeError(
         f"Cannot find logits in a model output of type {type(output).__name__}; pass forward_fn=."
     )
+
+
+def python_format(dataset: datasets.Dataset) -> datasets.Dataset:
+    """The dataset read as Python values whatever its format (torch/numpy formats return ids as tensors)."""
+    return dataset.with_format(None) if dataset.format["type"] is not None else dataset
+
+
+def padded_batches(
+    data: datasets.Dataset, model: nn.Module, batch_size: int, device: torch.device
+) -> Iterator[tuple[list[dict[str, Any]], dict[str, torch.Tensor], torch.Tensor]]:
+    """``(rows, model inputs, labels)`` for consecutive batches of ``data``, each padded to its longest row."""
+    names = model_input_names(model)
+    column = label_column(data.column_names)
+    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+    for batch in python_format(data).iter(batch_size=batch_size):
+        rows = pad_rows([dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)],
+                        names, pad_id)  # fmt: skip
+        yield rows, to_batch(rows, names, device), torch.as_tensor([r[column] for r in rows], device=device)

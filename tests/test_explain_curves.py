@@ -97,3 +97,17 @@ def test_self_influence_histogram(trained, tmp_path):
     assert b"<svg" in svg.read_bytes()[:1000]
     # Trained instances are fitted better by their own sub-network: positive mean self-influence.
     assert sum(scores["score"]) / len(scores) > 0
+
+
+def test_learning_curve_losses_read_torch_formatted_rows_of_uneven_length():
+    from hf_turnover.curves import _mean_loss
+    from hf_turnover.scorer import TurnoverScorer
+
+    model = make_tiny_bert().eval()
+    rows = make_token_dataset(6, seed=4).map(
+        lambda r, i: {"input_ids": r["input_ids"][: 3 + i], "attention_mask": r["attention_mask"][: 3 + i]},
+        with_indices=True,
+    )
+    scorer = TurnoverScorer(model)
+    plain = _mean_loss(scorer, rows, "instance_id", "own", 4)
+    assert _mean_loss(scorer, rows.with_format("torch"), "instance_id", "own", 4) == pytest.approx(plain)
