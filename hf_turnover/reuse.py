@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -54,7 +54,9 @@ def _is_attention_core(module: nn.Module) -> bool:
     return ("attention" in name and "output" not in name) or isinstance(module, nn.MultiheadAttention)
 
 
-def _start_order(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[list[str], list[str], int]:
+def _start_order(
+    model: nn.Module, inputs: dict[str, torch.Tensor], forward_fn: Callable | None = None
+) -> tuple[list[str], list[str], int]:
     """Module names in the order they start during one forward, the innermost attention cores, and the index
     in that order where the last core starts (-1 without attention)."""
     order: list[str] = []
@@ -66,7 +68,8 @@ def _start_order(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[lis
     training = model.training
     try:
         with torch.inference_mode():
-            model.eval()(**inputs)  # eval: unmasked outside a context, no dropout
+            model.eval()  # eval: unmasked outside a context, no dropout
+            forward_fn(model, inputs) if forward_fn else model(**inputs)
     finally:
         model.train(training)
         for handle in handles:
@@ -77,13 +80,15 @@ def _start_order(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[lis
     return order, cores, max((order.index(n) for n in cores), default=-1)
 
 
-def tail_entry(model: nn.Module, inputs: dict[str, torch.Tensor]) -> str | None:
+def tail_entry(
+    model: nn.Module, inputs: dict[str, torch.Tensor], forward_fn: Callable | None = None
+) -> str | None:
     """The first module that starts after the last attention (outside it), or ``None``.
 
     Everything from there on is position-wise whichever layers are masked, so slicing its inputs to the
     positions the loss reads is exact: it saves the work after the last attention at every unread position.
     """
-    order, cores, last_core = _start_order(model, inputs)
+    order, cores, last_core = _start_order(model, inputs, forward_fn)
     for name in order[last_core + 1 :]:
         if not any(name == c or name.startswith(c + ".") for c in cores):
             return name

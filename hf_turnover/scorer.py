@@ -246,5 +246,5 @@ class TurnoverScorer:
         if not self.positions or not any(v.dim() >= 2 for v in inputs.values()):
             return None
         if self._entry_name is False:  # the same for every input: probe once
-            self._entry_name = tail_entry(self.model, inputs)
+            self._entry_name = tail_entry(self.model, inputs, self.forward_fn)
         return self._entry_name

@@ -359,3 +359,16 @@ def test_all_zero_scores_warn_that_the_masks_were_not_reached(setup, caplog, mon
         scores = estimate_influence(model, train, targets.select([0]), progress=False)
     assert not any(scores["score"])
     assert "Every influence score is exactly 0" in caplog.text
+
+
+def test_custom_forward_fn_is_used_for_the_probes_too(setup):
+    """The probes run the model the way scoring does: through forward_fn."""
+    from hf_turnover.scorer import TurnoverScorer
+
+    train, targets = setup
+    model = make_tiny_bert()
+    x = torch.tensor([targets[1]["input_ids"]])
+    labels, ids = torch.tensor([targets[1]["labels"]]), torch.tensor(train["instance_id"])
+    plain = TurnoverScorer(model).score({"input_ids": x}, labels, ids)
+    custom = TurnoverScorer(model, forward_fn=lambda m, inputs: m(input_ids=inputs["tokens"]))
+    torch.testing.assert_close(custom.score({"tokens": x}, labels, ids), plain)
