@@ -18,10 +18,8 @@ scores every method on the same reference model. Sign convention: positive = the
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,6 +35,7 @@ from faithfulness.pairwise import peer_methods, self_influence_methods, turnover
 from faithfulness.retrain import accuracy, loo_truth, subset_losses, train_seeds  # noqa: E402
 from faithfulness.setups import Setup, flip_labels, mnist_setup, scratch_dir, text_setup  # noqa: E402
 
+from hf_turnover.atomic import atomic_write_text  # noqa: E402
 from hf_turnover.evaluation import random_half_subsets  # noqa: E402
 
 SMOKE = {"num_train": 96, "num_targets": 3, "num_loo": 6, "num_subsets": 6, "truth_seeds": 2, "ensemble_size": 3,
@@ -205,23 +204,12 @@ def run_setup(name: str, args: FaithfulnessArguments, figures: Path) -> dict:
 
 
 def write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(data, handle, indent=2)
-    os.chmod(handle.name, 0o644)  # temp files are created 0600
-    os.replace(handle.name, path)
-
-
-def write_text(text: str, path: Path) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        handle.write(text)
-    os.chmod(handle.name, 0o644)  # temp files are created 0600
-    os.replace(handle.name, path)
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def write_markdown(results: dict, out: Path) -> None:
     markdown = "\n\n".join(report.setup_markdown(k, v) for k, v in results["setups"].items())
-    write_text(markdown + "\n", out / "results.md")
+    atomic_write_text(out / "results.md", markdown + "\n")
 
 
 def summarize(out: Path) -> dict:

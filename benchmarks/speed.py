@@ -55,6 +55,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
+from hf_turnover.atomic import atomic_write_text
 from hf_turnover.scorer import TurnoverScorer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -257,11 +258,7 @@ def main() -> None:
     }
     result["targets"] = targets(result)
     print(report(result))
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-    tmp = f"{args.output_json}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, args.output_json)  # atomic: a reader never sees half a file
+    atomic_write_text(args.output_json, json.dumps(result, indent=2))  # a reader never sees half a file
     print(f"wrote {args.output_json}")
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
+from hf_turnover.atomic import atomic_path  # noqa: E402
 from hf_turnover.evaluation import load_faithfulness_metric  # noqa: E402
 
 
@@ -103,15 +102,12 @@ def mislabel_table(rows: list[dict]) -> str:
 
 def save_figure(fig, path: Path) -> None:
     """Atomic PNG write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as handle:
-        tmp = Path(handle.name)
     try:
-        fig.savefig(tmp, dpi=100, format="png")  # the plots call tight_layout; bbox "tight" would draw twice
-        os.chmod(tmp, 0o644)  # temp files are created 0600
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(
+                tmp, dpi=100, format="png"
+            )  # the plots call tight_layout; bbox "tight" would draw twice
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
 
 
