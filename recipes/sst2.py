@@ -40,7 +40,7 @@ import datasets
 import numpy as np
 import torch
 from adapters import AdapterConfig
-from common import AccuracyMetric, default_backbone
+from common import AccuracyMetric, RecipeTrainingArguments, default_backbone
 from sst2_parts import (
     add_plain_dropout,
     load_splits,
@@ -67,7 +67,7 @@ from hf_turnover.model import remove_turnover
 from hf_turnover.modeling_turnover import TurnoverBertForSequenceClassification
 from hf_turnover.plots import plot_learning_curves, plot_self_influence
 from hf_turnover.results import save_scores
-from hf_turnover.trainer import TurnoverTrainer, TurnoverTrainingArguments
+from hf_turnover.trainer import TurnoverTrainer
 
 logger = logging.getLogger("sst2")
 
@@ -125,8 +125,8 @@ class RecipeArguments:
 
 
 @dataclass
-class SST2TrainingArguments(TurnoverTrainingArguments):
-    """`TurnoverTrainingArguments` with this recipe's defaults."""
+class SST2TrainingArguments(RecipeTrainingArguments):
+    """`RecipeTrainingArguments` (no checkpoints, no trackers) with this recipe's defaults."""
 
     output_dir: str | None = field(default="outputs/sst2", metadata={"help": "Where everything is written."})
     learning_rate: float = field(default=3e-3, metadata={"help": "AdamW learning rate (adapters + head)."})
@@ -135,11 +135,7 @@ class SST2TrainingArguments(TurnoverTrainingArguments):
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Eval batch size per device."})
     warmup_ratio: float = field(default=0.06, metadata={"help": "Linear warm-up share of the steps."})
     group_by_length: bool = field(default=True, metadata={"help": "Batch similar lengths (less padding)."})
-    save_strategy: str = field(
-        default="no", metadata={"help": "No checkpoints: the model is saved at the end."}
-    )
     logging_steps: float = field(default=10, metadata={"help": "Log the training loss every N steps."})
-    report_to: str | None = field(default="none", metadata={"help": "Logging integrations ('none', 'all')."})
     dataloader_pin_memory: bool = field(default=False, metadata={"help": "Pin memory (for GPUs)."})
 
 
