@@ -8,6 +8,7 @@ from .explain import explain_prediction
 from .fingerprint import training_fingerprint
 from .hub import push_turnover_model, register_with_transformers, save_turnover_model
 from .influence import estimate_influence, mean_influence, self_influence
+from .linear import LinearScorer
 from .model import add_turnover, get_turnover_config, load_turnover, remove_turnover, turnover_layers
 from .modeling_turnover import TurnoverBertConfig, TurnoverBertForSequenceClassification
 from .pipeline_turnover import InfluencePipeline
@@ -16,6 +17,7 @@ from .results import combine_scores, load_scores, push_scores, save_scores, scor
 from .trainer import TurnoverCollator, TurnoverTrainer, TurnoverTrainingArguments
 from .training_set import load_training_set
 from .variants import average_scores, ensemble_influence
+from .wide import wide_adapter_config
 
 __version__ = "0.1.0"
 
@@ -25,6 +27,7 @@ register_with_transformers()
 __all__ = [
     "InfluencePipeline",
     "LearningCurveCallback",
+    "LinearScorer",
     "TurnoverArguments",
     "TurnoverBertConfig",
     "TurnoverBertForSequenceClassification",
@@ -58,4 +61,5 @@ __all__ = [
     "remove_turnover",
     "turnover_context",
     "turnover_layers",
+    "wide_adapter_config",
 ]

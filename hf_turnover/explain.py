@@ -11,6 +11,7 @@ from torch import nn
 
 from .influence import predict, training_ids
 from .inputs import label_column, model_input_names, python_format, to_batch
+from .linear import LinearScorer, make_scorer
 from .scorer import TurnoverScorer
 
 TEXT_COLUMNS = ("sentence", "text")
@@ -24,6 +25,7 @@ def explain_prediction(
     top_k: int = 5,
     restrict_to_label: bool | int | None = None,
     text_column: str | None = None,
+    method: str = "exact",
     check_fingerprint: bool = True,
     progress: bool | None = None,
     scorer: TurnoverScorer | None = None,
@@ -39,11 +41,13 @@ def explain_prediction(
 
     Returns ``{"prediction": {"label", "score"}, "true_label", "label_used", "label_source", "helpful",
     "harmful"}``; each instance is ``{"train_id", "row", "text", "label", "score"}`` (``row`` indexes
-    ``train_dataset``, e.g. to fetch an image). Explaining many targets, pass one ``scorer``
-    (``TurnoverScorer(model, ...)``) to all calls: it probes the model once, not once per target.
+    ``train_dataset``, e.g. to fetch an image). ``method="linear"`` scores to first order in the masks (one
+    backward pass, then a product with the mask bits; see :mod:`hf_turnover.linear`). Explaining many targets,
+    pass one ``scorer`` (``hf_turnover.linear.make_scorer(model, method)``) to all calls: it probes the model
+    once, and the linear one keeps the training ids' mask table.
     """
     if scorer is None:
-        scorer = TurnoverScorer(model, **scorer_kwargs)
+        scorer = make_scorer(model, method, **scorer_kwargs)
     elif scorer_kwargs or scorer.model is not model:
         raise ValueError(
             f"Pass either scorer= (a TurnoverScorer of this model) or scorer options {sorted(scorer_kwargs)}."
@@ -56,12 +60,17 @@ def explain_prediction(
     candidates = _candidates(
         train_dataset, labels, predicted if restrict_to_label is True else restrict_to_label
     )
-    ids = training_ids(model, train_dataset, None, check_fingerprint)[candidates]
+    all_ids = training_ids(model, train_dataset, None, check_fingerprint)
+    ids = all_ids[candidates]
     if ids.numel() == 0:
         raise ValueError(
             f"No training instance carries label {restrict_to_label!r}: nothing to explain with."
         )
-    scores = scorer.score(inputs, torch.tensor([predicted], device=scorer.device), ids)
+    label = torch.tensor([predicted], device=scorer.device)
+    if isinstance(scorer, LinearScorer):  # one mask table for the whole training set, whatever the candidates
+        scores = scorer.score(inputs, label, all_ids)[candidates]
+    else:
+        scores = scorer.score(inputs, label, ids)
     order = torch.argsort(scores, descending=True)
     text_column = text_column or next((c for c in TEXT_COLUMNS if c in train_dataset.column_names), None)
 

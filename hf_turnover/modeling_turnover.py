@@ -45,6 +45,7 @@ from .fingerprint import training_fingerprint  # noqa: F401
 from .influence import estimate_influence, mean_influence, self_influence
 from .inputs import per_row_loss  # noqa: F401
 from .layer import TurnoverHook  # noqa: F401
+from .linear import LinearScorer  # noqa: F401
 from .masks import keep_bits  # noqa: F401
 from .model import add_turnover
 from .results import scores_dataset  # noqa: F401

@@ -34,6 +34,7 @@ from .fingerprint import check_fingerprint, recorded_fingerprint, training_finge
 from .influence import estimate_influence  # noqa: F401
 from .inputs import per_row_loss  # noqa: F401
 from .layer import TurnoverHook  # noqa: F401
+from .linear import check_method, make_scorer
 from .masks import keep_bits  # noqa: F401
 from .model import add_turnover  # noqa: F401
 from .modeling_turnover import copy_code_files, resolve_base_model
@@ -61,7 +62,9 @@ class InfluencePipeline(Pipeline):
     side, default 5), ``restrict_to_label`` (``True``: only training instances carrying the predicted label,
     i.e. for a wrong prediction the paper's "influential instances with the error label"; or a label id or
     name), ``batch_size`` (training instances per forward pass; default: sized to the input and device),
-    ``max_length`` (tokens; longer texts are truncated and the output says ``"truncated": True``).
+    ``max_length`` (tokens; longer texts are truncated and the output says ``"truncated": True``),
+    ``method`` (``"exact"``: own and flipped forward passes, the paper; ``"linear"``: first order in the masks,
+    one backward pass per text and a product with the training set's cached mask bits).
     Construction takes ``train_dataset`` when no training set travels with the model.
 
     Each output: ``{"prediction": {"label", "score"}, "helpful": [...], "harmful": [...], "truncated",
@@ -79,7 +82,7 @@ class InfluencePipeline(Pipeline):
         # None: chunks sized to the input and device (see TurnoverScorer)
         self.scoring_batch_size = _positive_int("batch_size", self._batch_size) if self._batch_size else None
         self._batch_size = None  # inputs are explained one by one; batch_size means training instances
-        self._scorers: dict[int | None, TurnoverScorer] = {}
+        self._scorers: dict[tuple[str, int | None], TurnoverScorer] = {}
         if self.tokenizer is None:
             self.tokenizer = _backbone_tokenizer(self.model)
         recorded = recorded_fingerprint(self.model)
@@ -98,11 +101,17 @@ class InfluencePipeline(Pipeline):
             logger.warning("This model recorded no training fingerprint: the training set cannot be checked.")
 
     def _sanitize_parameters(
-        self, top_k=None, restrict_to_label=None, scoring_batch_size=None, max_length=None, **kwargs
+        self,
+        top_k=None,
+        restrict_to_label=None,
+        scoring_batch_size=None,
+        max_length=None,
+        method=None,
+        **kwargs,
     ) -> tuple[dict, dict, dict]:
         if kwargs:
             raise TypeError(
-                f"Unknown option(s) {sorted(kwargs)}; use top_k, restrict_to_label, batch_size, max_length."
+                f"Unknown option(s) {sorted(kwargs)}; use top_k, restrict_to_label, batch_size, max_length, method."
             )
         preprocess = {"max_length": _positive_int("max_length", max_length)} if max_length is not None else {}
         forward = {}
@@ -112,6 +121,8 @@ class InfluencePipeline(Pipeline):
             forward["restrict_to_label"] = self._label_id(restrict_to_label)
         if scoring_batch_size is not None:
             forward["batch_size"] = _positive_int("batch_size", scoring_batch_size)
+        if method is not None:
+            forward["method"] = check_method(method)
         return preprocess, forward, {}
 
     def __call__(self, inputs: str | list[str], **kwargs: Any) -> dict | list[dict]:
@@ -140,7 +151,14 @@ class InfluencePipeline(Pipeline):
             logger.warning(f"Input of {length} tokens truncated to {limit}: only its beginning is explained.")
         return {"inputs": dict(encoded), "truncated": length > limit}
 
-    def _forward(self, model_inputs: dict[str, Any], top_k: int = 5, restrict_to_label=None, batch_size=None):
+    def _forward(
+        self,
+        model_inputs: dict[str, Any],
+        top_k: int = 5,
+        restrict_to_label=None,
+        batch_size=None,
+        method="exact",
+    ):
         target = {name: tensor[0].tolist() for name, tensor in model_inputs["inputs"].items()}
         explanation = explain_prediction(
             self.model,
@@ -150,15 +168,17 @@ class InfluencePipeline(Pipeline):
             restrict_to_label=restrict_to_label,
             check_fingerprint=False,  # checked once, when the training set was attached
             progress=False,
-            scorer=self._scorer(batch_size or self.scoring_batch_size),
+            scorer=self._scorer(method, batch_size or self.scoring_batch_size),
         )
         return {**explanation, "truncated": model_inputs["truncated"], "restricted": restrict_to_label}
 
-    def _scorer(self, batch_size: int | None) -> TurnoverScorer:
-        """One scorer per batch size, kept across calls: the model is probed once."""
-        if batch_size not in self._scorers:
-            self._scorers[batch_size] = TurnoverScorer(self.model, batch_size=batch_size)
-        return self._scorers[batch_size]
+    def _scorer(self, method: str, batch_size: int | None) -> TurnoverScorer:
+        """One scorer per (method, batch size), kept across calls: the model is probed once and the linear
+        scorer keeps the training set's mask table."""
+        key = (method, batch_size)
+        if key not in self._scorers:
+            self._scorers[key] = make_scorer(self.model, method, batch_size=batch_size)
+        return self._scorers[key]
 
     def postprocess(self, outputs: dict[str, Any]) -> dict[str, Any]:
         name = self._label_name

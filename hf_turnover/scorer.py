@@ -40,6 +40,8 @@ class TurnoverScorer:
     masked layer.
     """
 
+    method = "exact"
+
     def __init__(
         self,
         model: nn.Module,

@@ -56,8 +56,9 @@ def make_texts(n: int, seed: int) -> datasets.Dataset:
 
 
 def make_model(
-    turnover: TurnoverConfig | None = None, seed: int = 0
+    turnover: TurnoverConfig | None = None, seed: int = 0, adapter_config=None
 ) -> TurnoverBertForSequenceClassification:
+    """``adapter_config``: an ``adapters`` config or a function of the model config (default Houlsby)."""
     torch.manual_seed(seed)
     config = TurnoverBertConfig(
         vocab_size=len(SPECIAL) + len(WORDS),
@@ -71,7 +72,9 @@ def make_model(
         label2id={v: k for k, v in LABELS.items()},
     )
     model = TurnoverBertForSequenceClassification(config)
-    model.add_adapter("task", config="double_seq_bn")
+    if callable(adapter_config):
+        adapter_config = adapter_config(config)
+    model.add_adapter("task", config=adapter_config or "double_seq_bn")
     model.train_adapter("task")
     for name, param in model.named_parameters():
         if "adapter_up" in name:  # adapters start near the identity; make the masks visible in the outputs
@@ -80,12 +83,12 @@ def make_model(
     return add_turnover(model, turnover or TurnoverConfig())
 
 
-def make_trained(tmp_path: Path, n: int = 24):
+def make_trained(tmp_path: Path, n: int = 24, adapter_config=None):
     """(model, tokenizer, train) after one short TurnoverTrainer run (which records the fingerprint)."""
     tokenizer = make_tokenizer(tmp_path / "tokenizer")
     train = make_texts(n, seed=1).map(lambda row, i: {"instance_id": 1000 + i}, with_indices=True)
     tokenized = train.map(lambda row: tokenizer(row["sentence"]))
-    model = make_model()
+    model = make_model(adapter_config=adapter_config)
     args = TurnoverTrainingArguments(
         output_dir=str(tmp_path / "trainer"),
         per_device_train_batch_size=8,

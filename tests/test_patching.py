@@ -14,6 +14,7 @@ from hf_turnover import (
     remove_turnover,
     turnover_context,
     turnover_layers,
+    wide_adapter_config,
 )
 from hf_turnover.masks import keep_bits
 
@@ -34,9 +35,17 @@ def test_adapters_and_head_are_patched(adapter_config, per_layer):
     assert layers["classifier"] == "input"
 
 
-def test_gradient_isolation_one_sgd_step():
+def _wide(width: int):
+    """The recommended wide set-up on the tiny BERT: one ``width``-unit seq_bn adapter in the top layer."""
+    from transformers import BertConfig
+
+    return wide_adapter_config(BertConfig(hidden_size=32, num_hidden_layers=2), width=width)
+
+
+@pytest.mark.parametrize("adapter_config, masked", [("double_seq_bn", 5), (_wide(300), 2)])
+def test_gradient_isolation_one_sgd_step(adapter_config, masked):
     """One step on instance i changes no parameter that only i's flipped sub-network uses."""
-    model = make_tiny_bert("double_seq_bn")
+    model = make_tiny_bert(adapter_config)
     model.train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     instance = 12345
@@ -69,7 +78,7 @@ def test_gradient_isolation_one_sgd_step():
             assert torch.equal(model.get_parameter(param)[index], before[param][index]), param
         assert not torch.equal(model.get_parameter(down)[kept], before[down][kept])
         checked += 1
-    assert checked == 5
+    assert checked == masked
 
 
 def test_rows_of_a_batch_equal_single_rows():

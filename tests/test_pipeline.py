@@ -21,7 +21,8 @@ FRESH_PIPELINE = """
 import json, sys
 from transformers import pipeline
 explain = pipeline(model=sys.argv[1], trust_remote_code=True)
-print(json.dumps([explain("w1 w2 w3", top_k=3), explain(["w12 w14", "w5 w6"], top_k=2, restrict_to_label=True)]))
+print(json.dumps([explain("w1 w2 w3", top_k=3), explain(["w12 w14", "w5 w6"], top_k=2, restrict_to_label=True),
+                  explain("w1 w2 w3", top_k=3, method="linear")]))
 """
 
 
@@ -75,6 +76,19 @@ def test_scores_are_the_engine_scores_for_the_predicted_label(trained):
     assert {i["id"]: i["score"] for i in out["helpful"]} == pytest.approx(expected, abs=1e-6)
 
 
+def test_linear_method_scores_are_the_engine_linear_scores(trained):
+    pipe, train, _ = trained
+    out = pipe("w1 w2 w3", top_k=100, method="linear")
+    label = pipe.model.config.label2id[out["prediction"]["label"]]
+    target = {**dict(pipe.tokenizer("w1 w2 w3")), "label": label}
+    engine = estimate_influence(pipe.model, train, [target], method="linear", progress=False)
+    expected = dict(zip(engine["train_id"], engine["score"], strict=True))
+    assert {item["id"]: item["score"] for item in out["helpful"]} == pytest.approx(
+        {item["id"]: expected[item["id"]] for item in out["helpful"]}, rel=1e-5, abs=1e-7
+    )
+    assert out["helpful"][0]["score"] == pytest.approx(max(expected.values()), rel=1e-5)
+
+
 def test_list_input_equals_one_by_one(trained):
     pipe, _, _ = trained
     texts = ["w1 w2", "w13 w15 w16", "w3"]
@@ -122,6 +136,7 @@ def test_bad_inputs_are_named(trained, inputs, error, match):
         ({"top_k": 2.5}, "top_k must be a positive int"),
         ({"restrict_to_label": "neutral"}, "restrict_to_label='neutral' is not True"),
         ({"restrict_to_label": 7}, "restrict_to_label=7 is not a label id"),
+        ({"method": "fast"}, "method='fast' is unknown; use 'exact'"),
     ],
 )
 def test_bad_options_are_named(trained, options, match):
@@ -191,8 +206,14 @@ def test_saved_pipeline_runs_in_a_fresh_process_without_hf_turnover(trained, tmp
     pipe.save_pretrained(tmp_path / "pipe")
     assert (tmp_path / "pipe" / "pipeline_turnover.py").is_file()
     fresh = run_fresh(FRESH_PIPELINE, tmp_path, fresh_env(tmp_path / "hf_home"), str(tmp_path / "pipe"))
-    expected = [pipe("w1 w2 w3", top_k=3), pipe(["w12 w14", "w5 w6"], top_k=2, restrict_to_label=True)]
-    assert fresh == json.loads(json.dumps(expected))  # bit-identical floats survive JSON round trips
+    expected = [
+        pipe("w1 w2 w3", top_k=3),
+        pipe(["w12 w14", "w5 w6"], top_k=2, restrict_to_label=True),
+        pipe("w1 w2 w3", top_k=3, method="linear"),
+    ]
+    assert fresh[:2] == json.loads(json.dumps(expected[:2]))  # bit-identical floats survive JSON round trips
+    # The linear scores' backward reductions are split by thread count: equal to float rounding.
+    assert_close(fresh[2], json.loads(json.dumps(expected[2])))
 
 
 def test_pipeline_from_saved_training_set_dataset_type(trained):

@@ -1,0 +1,216 @@
+"""Linearized turn-over influence: one backward pass per target, then a product with the mask bits.
+
+To first order in the mask values around the full network (every mask value 1), the paper's score is
+
+    I(z_t, z_i) = L(f^{m~(z_i)}, z_t) - L(f^{m(z_i)}, z_t)  ~  sum_j (m~_j(z_i) - m_j(z_i)) * g_j(z_t)
+
+with ``g_j(z_t) = dL(f, z_t)/dm_j`` the gradient of the target's loss w.r.t. the mask value of unit ``j`` of every
+masked layer, taken at the full network. With keep-bits ``b`` and keep probability ``p`` (own ``b/p``, flipped
+``(1-b)/(1-p)``): ``m~ - m = 1/(1-p) - b/(p(1-p))``, so per masked layer
+
+    own  (paper):       I ~ sum(g)/(1-p) - (b . g) / (p(1-p))
+    full (footnote 4):  I ~ (p * sum(g) - b . g) / (1-p)          (m~ - 1 = (p - b)/(1-p))
+
+Positive: z_i helped z_t, as for the exact estimate. One forward and backward pass per target gives ``g`` over the
+``d`` masked units; scoring ``N`` training ids is then one ``(N x d) . d`` product over their keep-bits.
+:class:`MaskTable` keeps those bits packed, 8 units per byte code, so the product is a sum of ``d / 8`` table
+look-ups per id (``torch.nn.functional.embedding_bag``): 10,000 ids x 8,192 units is a 41 MB table.
+
+This file travels with Hub models as remote code: installed packages and sibling modules only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .context import turnover_context
+from .inputs import logits_of
+from .masks import keep_bits
+from .model import turnover_hooks
+from .scorer import TurnoverScorer
+
+METHODS = ("exact", "linear")
+_BYTE = 8
+# bit k of every byte value 0..255, as floats: (256, 8)
+_PATTERNS = ((torch.arange(256)[:, None] >> torch.arange(_BYTE)[None, :]) & 1).float()
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(
+            f"method={method!r} is unknown; use 'exact' (own vs flipped forward passes, the paper) or 'linear' "
+            "(first-order in the masks: one backward pass per target, then a product with the mask bits)."
+        )
+    return method
+
+
+def layer_bits(model: nn.Module, name: str, ids: torch.Tensor, width: int) -> torch.Tensor:
+    """Keep-bits ``(len(ids), width)`` of masked layer ``name``, exactly as its hook draws them."""
+    config = turnover_hooks(model)[name].config
+    return keep_bits(ids, width, name, p=config.p, seed=config.seed, scheme=config.scheme,
+                     codebook_size=config.codebook_size, codebook_k=config.codebook_k)  # fmt: skip
+
+
+class MaskTable:
+    """The keep-bits of a fixed set of training ids on every masked layer, for repeated products with gradients.
+
+    Bits are stored as byte codes: entry ``(i, c)`` of layer ``l`` is ``256 * c + (byte c of ids[i]'s bits)``, an
+    int32 index into a per-gradient table of the 256 possible partial sums of each byte, so ``bits . g`` is
+    ``d / 8`` look-ups per id. Memory: half a byte per (id, unit).
+    """
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, widths: dict[str, int], rows: int = 4096) -> None:
+        self.ids = ids
+        self.widths = dict(widths)
+        self.codes: dict[str, torch.Tensor] = {}
+        weights = 1 << torch.arange(_BYTE, dtype=torch.int32, device=ids.device)  # (8,)
+        for name, width in self.widths.items():
+            groups = -(-width // _BYTE)
+            offsets = torch.arange(groups, dtype=torch.int32, device=ids.device) * 256
+            codes = torch.empty(len(ids), groups, dtype=torch.int32, device=ids.device)
+            for start in range(0, len(ids), rows):
+                bits = layer_bits(model, name, ids[start : start + rows], width)  # (n, d)
+                bits = F.pad(bits, (0, groups * _BYTE - width)).view(len(bits), groups, _BYTE)
+                codes[start : start + rows] = (bits.to(torch.int32) * weights).sum(-1, dtype=torch.int32)
+            self.codes[name] = codes.add_(offsets)  # (N, d/8)
+
+    def matches(self, ids: torch.Tensor, widths: dict[str, int]) -> bool:
+        return widths == self.widths and ids.shape == self.ids.shape and torch.equal(ids, self.ids)
+
+    def dot(self, name: str, grads: torch.Tensor) -> torch.Tensor:
+        """``bits @ grads.T`` for layer ``name``: ``grads`` (T, d) -> (N, T)."""
+        groups = self.codes[name].shape[1]
+        padded = F.pad(grads.float(), (0, groups * _BYTE - grads.shape[1])).view(len(grads), groups, _BYTE)
+        table = torch.einsum("pk,tgk->gpt", _PATTERNS.to(grads.device), padded).reshape(groups * 256, -1)
+        return F.embedding_bag(self.codes[name], table, mode="sum")  # (N, T)
+
+
+@contextmanager
+def mask_probes(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Multiply every masked layer's units by a probe of ones ``(B, d)`` that requires grad; yields the probes.
+
+    The gradient of a loss w.r.t. the probes is its gradient w.r.t. the mask values at the full network.
+    """
+    probes: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def scale(x: torch.Tensor, name: str, unit_dim: int) -> torch.Tensor:
+        probe = torch.ones(x.shape[0], x.shape[unit_dim], device=x.device, dtype=torch.float32,
+                           requires_grad=True)  # fmt: skip
+        probes[name] = probe
+        shape = [x.shape[0]] + [1] * (x.dim() - 1)
+        shape[unit_dim] = x.shape[unit_dim]
+        return x * probe.view(shape).to(x.dtype)
+
+    for name, hook in turnover_hooks(model).items():
+        module = model.get_submodule(name)
+        if hook.where == "output":
+            handles.append(module.register_forward_hook(
+                lambda m, a, out, n=name, h=hook: scale(out, n, h.unit_dim)))  # fmt: skip
+        else:
+            handles.append(module.register_forward_pre_hook(
+                lambda m, a, n=name, h=hook: (scale(a[0], n, h.unit_dim), *a[1:])))  # fmt: skip
+    try:
+        yield probes
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class LinearScorer(TurnoverScorer):
+    """First-order turn-over scores (see the module docstring): the same interface as
+    :class:`~hf_turnover.scorer.TurnoverScorer`, one backward pass per target instead of a forward per id.
+
+    ``cache_masks=True`` keeps a :class:`MaskTable` of the last id set scored, so repeated targets against the
+    same training set (explanations, mean influence) pay for the mask hash once.
+    """
+
+    method = "linear"
+
+    def __init__(self, model: nn.Module, *, cache_masks: bool = True, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self.cache_masks = cache_masks
+        self._table: MaskTable | None = None
+
+    def mask_gradients(
+        self, inputs: dict[str, torch.Tensor], labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """``{layer: (B, d)}``: each row's gradient of its loss w.r.t. the mask values, at the full network."""
+        self.model.eval()
+        rows = len(labels)
+        with ExitStack() as stack:
+            self._enter_fast_paths(stack, inputs)
+            probes = stack.enter_context(mask_probes(self.model))
+            stack.enter_context(turnover_context(torch.zeros(rows, dtype=torch.int64), "full"))
+            with torch.enable_grad(), self._autocast():
+                loss = self.loss_fn(logits_of(self.forward_fn(self.model, inputs)), labels)
+                names = list(probes)
+                grads = torch.autograd.grad(loss.float().sum(), [probes[n] for n in names], allow_unused=True)
+        return {
+            n: (torch.zeros_like(probes[n]) if g is None else g) for n, g in zip(names, grads, strict=True)
+        }
+
+    def _coefficients(self, name: str) -> tuple[float, float]:
+        """``(a, c)`` with ``m~ - m = a + c * b`` (variant own) or ``m~ - 1 = a + c * b`` (full), per unit."""
+        p = turnover_hooks(self.model)[name].config.p
+        if self.variant == "full":
+            return p / (1 - p), -1.0 / (1 - p)
+        return 1.0 / (1 - p), -1.0 / (p * (1 - p))
+
+    def table(self, ids: torch.Tensor, widths: dict[str, int]) -> MaskTable:
+        if self._table is None or not self._table.matches(ids, widths):
+            table = MaskTable(self.model, ids, widths)
+            if not self.cache_masks:
+                return table
+            self._table = table
+        return self._table
+
+    def scores_from_gradients(self, grads: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+        """``(T, N)`` linearized scores of the ids for targets whose mask gradients are ``grads`` ({layer: (T, d)})."""
+        ids = ids.to(self.device)
+        table = self.table(ids, {n: g.shape[1] for n, g in grads.items()})
+        scores = torch.zeros(len(ids), next(iter(grads.values())).shape[0], device=self.device)
+        for name, g in grads.items():
+            a, c = self._coefficients(name)
+            scores += a * g.float().sum(1) + c * table.dot(name, g)
+        return scores.T.contiguous()
+
+    def score(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Linearized ``I(target, z_i)`` for every id (float32, on the CPU); ``inputs`` is one target row."""
+        scores = self.scores_from_gradients(self.mask_gradients(inputs, labels), ids)[0].cpu()
+        self._warn_if_unmasked(scores)
+        return scores
+
+    def self_scores(
+        self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Linearized ``I(z_i, z_i)`` for a batch of training rows, row ``r`` being instance ``ids[r]``."""
+        ids = ids.to(self.device)
+        scores = torch.zeros(len(ids), device=self.device)
+        for name, g in self.mask_gradients(inputs, labels).items():
+            a, c = self._coefficients(name)
+            bits = layer_bits(self.model, name, ids, g.shape[1]).float()  # (B, d)
+            scores += (g.float() * (a + c * bits)).sum(1)
+        return scores.cpu()
+
+
+def make_scorer(model: nn.Module, method: str = "exact", **kwargs: Any) -> TurnoverScorer:
+    """A :class:`TurnoverScorer` (``method="exact"``) or :class:`LinearScorer` (``"linear"``) of ``model``."""
+    if check_method(method) == "linear":
+        kwargs.pop("reuse_prefix", None)
+        return LinearScorer(model, **kwargs)
+    return TurnoverScorer(model, **kwargs)
+
+
+def gradient_blocks(
+    scorer: LinearScorer, prepared: Sequence[tuple[dict[str, torch.Tensor], torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Mask gradients of several one-row targets stacked into ``{layer: (T, d)}``."""
+    grads = [scorer.mask_gradients(inputs, labels) for inputs, labels in prepared]
+    return {name: torch.cat([g[name] for g in grads]) for name in grads[0]}

@@ -1,0 +1,63 @@
+"""Wide masked layers: many turn-over units where they cost least.
+
+A single model's pairwise scores are mostly the luck of its masks unless there are many masked units: with ``d``
+units the part of a score that the instance caused grows with ``d`` (``benchmarks/RESULTS.md``). A bottleneck
+adapter in the top encoder layer is the cheapest place for many units: ``adapters`` accepts a per-layer
+``reduction_factor``, so the top layer can hold thousands of units while the layers below get none.
+
+    >>> config = wide_adapter_config(model.config, width=6144)   # seq_bn, 6,144 units in the top layer only
+    >>> model.add_adapter("task", config=config)                   # then add_turnover(model) masks them
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from adapters import AdapterConfig
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+
+
+def _model_config(source: PretrainedConfig | nn.Module | str) -> PretrainedConfig:
+    if isinstance(source, PretrainedConfig):
+        return source
+    if isinstance(source, nn.Module):
+        return source.config
+    return AutoConfig.from_pretrained(source)
+
+
+def wide_adapter_config(
+    model_config: PretrainedConfig | nn.Module | str,
+    width: int = 6144,
+    top_layers: int = 1,
+    architecture: str = "seq_bn",
+    **overrides: Any,
+) -> AdapterConfig:
+    """An ``adapters`` bottleneck config with ``width`` units in each of the top ``top_layers`` encoder layers and
+    no adapter below them.
+
+    Args:
+        model_config: the backbone's config, the model, or a model id/folder.
+        width: bottleneck units per adapter (the masked units: ``TurnoverConfig``'s default ``target_modules``
+            masks every ``adapter_down``).
+        top_layers: encoder layers, counted from the top, that get an adapter.
+        architecture: ``"seq_bn"`` (Pfeiffer: after the feed-forward block) or ``"double_seq_bn"`` (Houlsby: also
+            after attention, so two adapters per layer).
+        overrides: other ``AdapterConfig`` fields (``non_linearity``, ``init_weights``...).
+    """
+    config = _model_config(model_config)
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+        raise ValueError(f"width must be a positive int (bottleneck units), got {width!r}.")
+    if not isinstance(top_layers, int) or not 1 <= top_layers <= layers:
+        raise ValueError(
+            f"top_layers must be an int in [1, {layers}] (the model's layers), got {top_layers!r}."
+        )
+    # adapters builds int(hidden // reduction_factor) units; the half unit keeps float rounding off the floor.
+    factor = hidden / (width + 0.5)
+    wide = {str(index): factor for index in range(layers - top_layers, layers)}
+    return AdapterConfig.load(architecture).replace(
+        reduction_factor={**wide, "default": factor},
+        leave_out=list(range(layers - top_layers)),
+        **overrides,
+    )
