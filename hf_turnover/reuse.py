@@ -38,6 +38,7 @@ CLS_POOLED = {
     "mpnet",
     "deberta",
     "deberta-v2",
+    "turnover_bert",  # hf_turnover's Hub model class (BertForSequenceClassification)
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from .context import as_instance_ids, turnover_context
 from .fingerprint import FINGERPRINT_KEY, training_fingerprint
 from .masks import MASK_MODES
 from .model import add_turnover, get_turnover_config, turnover_layers
+from .reuse import keep_positions, read_positions, tail_entry
 
 logger = logging.get_logger(__name__)
 
@@ -36,6 +38,15 @@ class TurnoverTrainingArguments(TrainingArguments):
         default=True,
         metadata={
             "help": "Add the row index as the id column to a datasets.Dataset that has none, before shuffling."
+        },
+    )
+
+    turnover_read_positions_only: bool = field(
+        default=True,
+        metadata={
+            "help": "In training, run the layers after the last attention only at the positions the loss reads "
+            "([CLS] for BERT-style sequence classifiers): the same loss and gradients, and a wide adapter in the "
+            "top layer costs one position instead of every token."
         },
     )
 
@@ -153,9 +164,28 @@ class TurnoverTrainer(Trainer):
         return ids
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], *args, **kwargs) -> torch.Tensor:
-        # The context spans forward and backward, so gradient checkpointing recomputes with the same masks.
-        with turnover_context(self._pop_ids(inputs, required=True), "own"):
+        # The contexts span forward and backward, so gradient checkpointing recomputes with the same masks.
+        ids = self._pop_ids(inputs, required=True)
+        slicing = self._read_positions_only(inputs)  # probes the model once, outside any turn-over context
+        with turnover_context(ids, "own"), slicing:
             return super().training_step(model, inputs, *args, **kwargs)
+
+    def _read_positions_only(self, inputs: dict[str, Any]):
+        """Slice the inputs of the first module after the last attention to the positions the loss reads."""
+        positions = read_positions(self.model)
+        tokens = inputs.get("input_ids")
+        if (
+            not getattr(self.args, "turnover_read_positions_only", True)
+            or positions is None
+            or tokens is None
+        ):
+            return nullcontext()
+        if not hasattr(self, "_tail_entry"):  # the same for every batch: probe once, on one row
+            probe = {k: v[:1] for k, v in inputs.items() if isinstance(v, torch.Tensor) and k != "labels"}
+            self._tail_entry = tail_entry(self.model, probe)
+        if self._tail_entry is None:
+            return nullcontext()
+        return keep_positions(self.model, self._tail_entry, positions, tokens.shape[1])
 
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], *args, **kwargs):
         ids = self._pop_ids(inputs, required=self.eval_mode != "full")

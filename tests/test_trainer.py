@@ -200,3 +200,22 @@ def test_mixed_precision_and_gradient_checkpointing(tmp_path, extra):
     # Checkpointing re-runs each forward during backward: the recomputation sees the same ids and masks.
     repeats = 2 if "gradient_checkpointing" in extra else 1
     assert sorted(i for ids in own for i in ids) == sorted(list(range(100, 108)) * repeats)
+
+
+def test_reading_only_the_cls_position_trains_the_same_weights(tmp_path):
+    """Slicing the layers after the last attention to [CLS] in training changes no loss and no gradient: the
+    top layer's adapters train to the same weights (to float rounding) as with every position computed."""
+    train = make_token_dataset(12)
+    trained = []
+    for read_only in (True, False):
+        model = make_tiny_bert("double_seq_bn")
+        seen = []
+        tail = model.get_submodule("bert.encoder.layer.1.intermediate")
+        tail.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0].shape[1]))
+        args = _args(tmp_path / str(read_only), turnover_read_positions_only=read_only)
+        TurnoverTrainer(model, args, train_dataset=train).train()
+        # (with slicing, the first forward is the once-only probe for the first module after attention)
+        assert set(seen[1:] if read_only else seen) == ({1} if read_only else {8})
+        trained.append({n: p.detach() for n, p in model.named_parameters() if p.requires_grad})
+    for name, value in trained[0].items():
+        torch.testing.assert_close(value, trained[1][name], rtol=1e-5, atol=1e-6, msg=name)
