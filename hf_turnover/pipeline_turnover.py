@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 from transformers import AutoTokenizer, Pipeline
 from transformers.utils import cached_file, logging
 
@@ -145,11 +146,23 @@ class InfluencePipeline(Pipeline):
 
     def preprocess(self, text: str, max_length: int | None = None) -> dict[str, Any]:
         limit = max_length or _max_length(self.model, self.tokenizer)
-        length = len(self.tokenizer(text, verbose=False)["input_ids"])
-        encoded = self.tokenizer(text, truncation=True, max_length=limit, return_tensors=self.framework)
-        if length > limit:
-            logger.warning(f"Input of {length} tokens truncated to {limit}: only its beginning is explained.")
-        return {"inputs": dict(encoded), "truncated": length > limit}
+        # One tokenization: the part past ``limit`` comes back as overflow (fast tokenizers: extra rows).
+        encoded = self.tokenizer(
+            text, truncation=True, max_length=limit, return_overflowing_tokens=True, verbose=False
+        )
+        if "overflow_to_sample_mapping" in encoded:
+            truncated = len(encoded["input_ids"]) > 1
+            encoded = {k: v[0] for k, v in encoded.items() if k != "overflow_to_sample_mapping"}
+        else:
+            truncated = bool(encoded.get("num_truncated_tokens", 0) > 0)
+            encoded = {
+                k: v for k, v in encoded.items() if k not in ("overflowing_tokens", "num_truncated_tokens")
+            }
+        if truncated:
+            logger.warning(
+                f"Input longer than {limit} tokens truncated to {limit}: only its beginning is explained."
+            )
+        return {"inputs": {k: torch.tensor([v]) for k, v in encoded.items()}, "truncated": truncated}
 
     def _forward(
         self,

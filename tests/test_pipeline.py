@@ -241,3 +241,15 @@ def test_default_pipeline_works_offline_on_the_installed_backbone():
     assert out["prediction"]["label"] in ("negative", "positive")
     assert {i["label"] for i in out["helpful"] + out["harmful"]} == {out["prediction"]["label"]}
     assert {i["id"] for i in out["helpful"]} <= set(explain.train_dataset["instance_id"])
+
+
+def test_each_input_is_tokenized_once(trained, monkeypatch):
+    pipe, _, _ = trained
+    calls = []
+    original = type(pipe.tokenizer).__call__
+    monkeypatch.setattr(
+        type(pipe.tokenizer), "__call__", lambda self, *a, **k: calls.append(a) or original(self, *a, **k)
+    )
+    long_text = " ".join(["w1 w2 w13"] * 40)
+    outputs = pipe(["w1 w2 w3", long_text], top_k=1)
+    assert len(calls) == 2 and [o["truncated"] for o in outputs] == [False, True]
