@@ -192,7 +192,16 @@ class TurnoverBertForSequenceClassification(BertForSequenceClassification):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
-        """`PreTrainedModel.from_pretrained`, plus adapter-only checkpoints on a referenced backbone."""
+        """`PreTrainedModel.from_pretrained`, plus adapter-only checkpoints on a referenced backbone.
+
+        The ``token`` it was given is kept on the model (never saved), so that the pipeline fetches the training
+        set and tokenizer of a private repo with it."""
+        model = cls._load(pretrained_model_name_or_path, *args, **kwargs)
+        model.turnover_hub_token = kwargs.get("token")
+        return model
+
+    @classmethod
+    def _load(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
         config = kwargs.get("config")
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         if not isinstance(config, PretrainedConfig):

@@ -96,8 +96,9 @@ class InfluencePipeline(Pipeline):
                 "exact training set it was trained on, with its instance ids, as train_dataset=."
             )
         else:
-            hub = {"revision": getattr(self.model.config, "_commit_hash", None)}
-            self.train_dataset = load_training_set(self.model.name_or_path, recorded, **hub)
+            self.train_dataset = load_training_set(
+                self.model.name_or_path, recorded, **_hub_kwargs(self.model)
+            )
         if recorded is None:
             logger.warning("This model recorded no training fingerprint: the training set cannot be checked.")
 
@@ -265,6 +266,14 @@ def _fingerprint(pipe: InfluencePipeline) -> dict[str, Any]:
     return training_fingerprint(pipe.train_dataset, pipe.model.turnover_config.id_column)
 
 
+def _hub_kwargs(model: Any) -> dict[str, Any]:
+    """The revision (commit) the model was loaded at and the token it was loaded with, for its other files."""
+    return {
+        "revision": getattr(model.config, "_commit_hash", None),
+        "token": getattr(model, "turnover_hub_token", None),
+    }
+
+
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}.")
@@ -284,7 +293,7 @@ def _backbone_tokenizer(model: Any) -> Any:
     base = getattr(model.config, "turnover_base_model", None)
     source = resolve_base_model(base) if base else model.name_or_path
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, token=getattr(model, "turnover_hub_token", None))
     except (OSError, ValueError) as error:
         raise ValueError(
             f"No tokenizer found for the model {model.name_or_path!r} ({error}). Pass tokenizer= to pipeline()."
@@ -296,10 +305,7 @@ def _copy_card(model: Any, directory: Path) -> None:
     of a backbone the model was built from)."""
     if not model.name_or_path or (directory / "README.md").exists():
         return
-    hub = {
-        "revision": getattr(model.config, "_commit_hash", None),
-        "_raise_exceptions_for_missing_entries": False,
-    }
+    hub = {**_hub_kwargs(model), "_raise_exceptions_for_missing_entries": False}
     try:
         turnover_source = cached_file(model.name_or_path, INFO_FILE, **hub) is not None
         card = cached_file(model.name_or_path, "README.md", **hub) if turnover_source else None

@@ -38,7 +38,9 @@ Behaviour worth knowing:
   shard must already be on the server before the commit is sent.
 - Errors carry ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``) so the client
   raises ``RepositoryNotFoundError``, ``RevisionNotFoundError``, ``EntryNotFoundError``.
-- Not modelled: auth and private-repo access checks, gated repos, pull requests (``create_pr``), spaces,
+- Private repos: every read (info, tree, paths-info, refs, commits, file download) needs
+  ``Authorization: Bearer <DEFAULT_TOKEN>``; without it the answer is 401 ``RepoNotFound``, as on the Hub.
+- Not modelled: other auth checks (any token may write), gated repos, pull requests (``create_pr``), spaces,
   Xet storage, LFS multipart, pagination, search/listing endpoints, the dataset viewer.
 """
 
@@ -162,7 +164,7 @@ class HubState:
     """
 
     def __init__(self, storage: Path, user: str, lfs_suffixes: tuple[str, ...], lfs_threshold: int):
-        self.storage, self.user = storage, user
+        self.storage, self.user, self.token = storage, user, DEFAULT_TOKEN
         self.lfs_suffixes, self.lfs_threshold = lfs_suffixes, lfs_threshold
         self.lock = threading.RLock()
         (storage / "blobs").mkdir(parents=True, exist_ok=True)
@@ -265,6 +267,9 @@ def repo_url(req: Request, rtype: str, repo_id: str) -> str:
 
 def repo_and_commit(hub: HubState, req: Request) -> tuple[Json, Json]:
     repo = hub.get_repo(req.rtype, req.params["repo"])
+    if repo["private"] and req.headers.get("Authorization") != f"Bearer {hub.token}":
+        # The Hub answers 401 for a private repo read without the owner's token, as for a missing repo.
+        raise HubError(401, f"Repository not found: {repo['id']} (private; pass the token)", "RepoNotFound")
     return repo, hub.resolve(repo, req.params.get("rev") or "main")
 
 

@@ -15,9 +15,9 @@ import pytest
 from hub_fixtures import make_trained, run_fresh
 
 try:
-    from tests.hub_double import HubDouble
+    from tests.hub_double import DEFAULT_TOKEN, HubDouble
 except ImportError:  # pytest put tests/ itself on sys.path
-    from hub_double import HubDouble  # type: ignore[no-redef]
+    from hub_double import DEFAULT_TOKEN, HubDouble  # type: ignore[no-redef]
 
 from hf_turnover import estimate_influence, save_scores
 from hf_turnover.hub import save_turnover_model
@@ -65,6 +65,22 @@ out["hf_turnover_imported"] = any(m.startswith("hf_turnover") for m in sys.modul
 print(json.dumps(out))
 """
 
+# A private repo loaded in a process that has no token of its own: only the token given to pipeline() opens it,
+# and it must reach the training-set download too.
+LOAD_PRIVATE = """
+import json, sys
+from transformers import pipeline
+model_repo, token, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+out = {}
+try:
+    pipeline(model=model_repo, trust_remote_code=True)
+    out["without_token"] = "loaded"
+except Exception as error:
+    out["without_token"] = type(error).__name__
+out["with_token"] = pipeline(model=model_repo, token=token, trust_remote_code=True)(texts, top_k=3)
+print(json.dumps(out))
+"""
+
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
@@ -90,6 +106,10 @@ def test_push_and_load_back_through_the_hub_double(local):
         run_fresh(PUSH, tmp, env, str(tmp / "model"), *repos, str(tmp / "scores.parquet"), block=False)
         load_env = hub.client_env(tmp / "load_home")  # a fresh cache: everything comes from the double
         out = run_fresh(LOAD, tmp, load_env, *repos, json.dumps(TEXTS), json.dumps(target))
+        no_token_env = {k: v for k, v in hub.client_env(tmp / "private_home").items() if k != "HF_TOKEN"}
+        private = run_fresh(LOAD_PRIVATE, tmp, no_token_env, repos[0], DEFAULT_TOKEN, json.dumps(TEXTS))
+    assert private["without_token"] in ("OSError", "RepositoryNotFoundError")
+    assert private["with_token"] == json.loads(json.dumps(pipe(TEXTS, top_k=3)))
     assert not out["hf_turnover_imported"]
     assert {
         "model.safetensors",
