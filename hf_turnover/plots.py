@@ -6,10 +6,23 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import datasets
-from matplotlib.figure import Figure  # no pyplot: never changes the user's backend
 
 from .atomic import atomic_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _figure() -> Figure:
+    """A matplotlib figure without pyplot (never changes the user's backend); matplotlib is imported here, on
+    first use, as it takes about a second to import."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(6, 4))
+
 
 CURVES = {
     "turnover_own_loss": "train loss, own masks (trained with z)",
@@ -21,7 +34,7 @@ CURVES = {
 
 def plot_learning_curves(log_history: Sequence[dict], path: str | os.PathLike) -> Path:
     """Plot the losses that :class:`LearningCurveCallback` (and Trainer evaluation) logged, against steps."""
-    fig = Figure(figsize=(6, 4))
+    fig = _figure()
     ax = fig.subplots()
     for key, label in CURVES.items():
         points = [(e["step"], e[key]) for e in log_history if key in e and "step" in e]
@@ -36,7 +49,7 @@ def plot_learning_curves(log_history: Sequence[dict], path: str | os.PathLike) -
 
 def plot_self_influence(scores: datasets.Dataset, path: str | os.PathLike, bins: int = 50) -> Path:
     """Histogram of self-influence ``I(z_i, z_i)`` (column ``score``); the long right tail is worth reading."""
-    fig = Figure(figsize=(6, 4))
+    fig = _figure()
     ax = fig.subplots()
     ax.hist(scores["score"], bins=bins, color="tab:blue", alpha=0.8)
     ax.set_xlabel("self-influence  I(z_i, z_i) = L(flip) - L(own)")
