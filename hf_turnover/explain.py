@@ -54,7 +54,11 @@ def explain_prediction(
         )
     train_dataset = python_format(train_dataset)
     inputs = to_batch([target], model_input_names(model), scorer.device)
-    probabilities = predict(scorer, inputs).softmax(-1)[0]
+    if isinstance(scorer, LinearScorer):  # the prediction and the mask gradients from one pass
+        logits, grads = scorer.logits_and_gradients(inputs)
+    else:
+        logits, grads = predict(scorer, inputs), None
+    probabilities = logits.softmax(-1)[0]
     predicted = int(probabilities.argmax())
     labels = label_column(train_dataset.column_names)
     candidates = _candidates(
@@ -66,11 +70,11 @@ def explain_prediction(
         raise ValueError(
             f"No training instance carries label {restrict_to_label!r}: nothing to explain with."
         )
-    label = torch.tensor([predicted], device=scorer.device)
-    if isinstance(scorer, LinearScorer):  # one mask table for the whole training set, whatever the candidates
-        scores = scorer.score(inputs, label, all_ids)[candidates]
+    if grads is not None:  # one mask table for the whole training set, whatever the candidates
+        scores = scorer.scores_from_gradients(grads, all_ids)[0].cpu()[candidates]
+        scorer._warn_if_unmasked(scores)
     else:
-        scores = scorer.score(inputs, label, ids)
+        scores = scorer.score(inputs, torch.tensor([predicted], device=scorer.device), ids)
     order = torch.argsort(scores, descending=True)
     text_column = text_column or next((c for c in TEXT_COLUMNS if c in train_dataset.column_names), None)
 

@@ -142,19 +142,30 @@ class LinearScorer(TurnoverScorer):
         self, inputs: dict[str, torch.Tensor], labels: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """``{layer: (B, d)}``: each row's gradient of its loss w.r.t. the mask values, at the full network."""
+        return self.logits_and_gradients(inputs, labels)[1]
+
+    def logits_and_gradients(
+        self, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The full network's logits and the mask gradients of one forward and backward pass; ``labels=None``
+        takes the predicted labels (what an explanation explains), so no separate prediction pass is needed."""
         self.model.eval()
-        rows = len(labels)
         with ExitStack() as stack:
             self._enter_fast_paths(stack, inputs)
             probes = stack.enter_context(mask_probes(self.model))
+            rows = next(len(v) for v in inputs.values() if isinstance(v, torch.Tensor))
             stack.enter_context(turnover_context(torch.zeros(rows, dtype=torch.int64), "full"))
             with torch.enable_grad(), self._autocast():
-                loss = self.loss_fn(logits_of(self.forward_fn(self.model, inputs)), labels)
+                logits = logits_of(self.forward_fn(self.model, inputs))
+                if labels is None:
+                    labels = logits.detach().argmax(-1)
+                loss = self.loss_fn(logits, labels)
                 names = list(probes)
                 grads = torch.autograd.grad(loss.float().sum(), [probes[n] for n in names], allow_unused=True)
-        return {
+        grads = {
             n: (torch.zeros_like(probes[n]) if g is None else g) for n, g in zip(names, grads, strict=True)
         }
+        return logits.detach().float(), grads
 
     def _coefficients(self, name: str) -> tuple[float, float]:
         """``(a, c)`` with ``m~ - m = a + c * b`` (variant own) or ``m~ - 1 = a + c * b`` (full), per unit."""
