@@ -264,3 +264,22 @@ def test_contexts_left_in_any_order_remove_their_own_state():
     assert current_state() is state
     outer.__exit__(None, None, None)
     assert current_state() is None
+
+
+@pytest.mark.parametrize("width", [1, 7, 70, 129, 1000])
+def test_wide_adapter_has_exactly_the_requested_units_in_the_top_layer_only(width):
+    model = make_tiny_bert(_wide(width))
+    downs = {n: m for n, m in model.named_modules() if n.endswith("adapter_down")}
+    assert list(downs) == ["bert.encoder.layer.1.output.adapters.task.adapter_down"]
+    assert next(iter(downs.values()))[0].out_features == width
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"width": 0}, "width must be a positive int"), ({"top_layers": 3}, r"top_layers must .* \[1, 2\]")],
+)
+def test_wide_adapter_config_names_bad_values(kwargs, match):
+    from transformers import BertConfig
+
+    with pytest.raises(ValueError, match=match):
+        wide_adapter_config(BertConfig(hidden_size=32, num_hidden_layers=2), **kwargs)
