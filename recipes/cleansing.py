@@ -21,52 +21,39 @@ the adapters of the top `--turnover_top_layers` layers and on the classifier inp
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
-import datasets
-import numpy as np
-import torch
-import torch.nn.functional as F
+from cleansing_parts import (
+    PreparedData,
+    build_classifier,
+    encode_splits,
+    format_table,
+    load_splits,
+    most_harmful,
+    plot,
+    removed_report,
+    without,
+)
 from common import (
     AccuracyMetric,
     RecipeTrainingArguments,
-    SmallPreTrainedModel,
-    default_backbone,
-    markdown_table,
     mean_std,
-    push_folder,
-    save_figure,
+    parse_arguments,
+    push_outputs,
+    train_model,
     write_json,
 )
-from torch import nn
-from tqdm.auto import tqdm
-from transformers import (
-    AutoModel,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    HfArgumentParser,
-    PretrainedConfig,
-    Trainer,
-    default_data_collator,
-    set_seed,
-)
-from transformers.modeling_outputs import SequenceClassifierOutput
 
-from hf_turnover.atomic import atomic_path, atomic_write_text
-from hf_turnover.config import TurnoverConfig
-from hf_turnover.data import load_text_classification
+from hf_turnover.atomic import atomic_write_text
+from hf_turnover.config import TurnoverArguments
 from hf_turnover.influence import mean_influence
-from hf_turnover.model import add_turnover
 from hf_turnover.results import save_scores
-from hf_turnover.trainer import TurnoverTrainer
 
 logger = logging.getLogger(__name__)
 PAPER = {"no cleansing": (77.0, 0.9), "random removal": (76.8, 1.1), "cleansing": (78.3, 0.2)}
@@ -100,8 +87,9 @@ class CleansingArguments:
     num_seeds: int = field(default=4, metadata={"help": "Retraining seeds per condition: seed, seed+1, ..."})
     hidden_size: int = field(default=256, metadata={"help": "MLP hidden units (frozen setup)."})
     hidden_dropout: float = field(default=0.1, metadata={"help": "Ordinary dropout of the retrained models."})
-    turnover_p: float = field(default=0.5, metadata={"help": "Keep probability of the turn-over masks."})
-    turnover_top_layers: int = field(default=1, metadata={"help": "Adapters setup: masked top layers."})
+    turnover_top_layers: int = field(
+        default=1, metadata={"help": "Adapters setup: mask the adapters of the top N layers (see below)."}
+    )
     adapter_config: str = field(default="double_seq_bn", metadata={"help": "Adapters setup: adapter type."})
     influence_batch_size: int | None = field(
         default=None, metadata={"help": "Training ids per scoring forward (default: sized to the input)."}
@@ -118,6 +106,18 @@ class CleansingArguments:
 
 
 @dataclass
+class CleansingTurnoverArguments(TurnoverArguments):
+    turnover_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "Modules whose output units are masked (regex, full match). Default: none for --setup frozen "
+            "(the MLP's hidden units are masked at the classifier input), the adapters of the top "
+            "--turnover_top_layers layers for --setup adapters."
+        },
+    )
+
+
+@dataclass
 class CleansingTrainingArguments(RecipeTrainingArguments):
     output_dir: str = field(default="runs/cleansing", metadata={"help": "Where the results go."})
     num_train_epochs: float = field(default=4.0, metadata={"help": "Epochs of every training run."})
@@ -125,176 +125,11 @@ class CleansingTrainingArguments(RecipeTrainingArguments):
     per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size."})
 
 
-class EmbeddingClassifierConfig(PretrainedConfig):
-    model_type = "turnover_embedding_classifier"
-
-    def __init__(
-        self, input_size: int = 384, hidden_size: int = 256, hidden_dropout_prob: float = 0.1, **kwargs
-    ):
-        super().__init__(**kwargs)
-        self.input_size, self.hidden_size, self.hidden_dropout_prob = (
-            input_size,
-            hidden_size,
-            hidden_dropout_prob,
-        )
-
-
-class EmbeddingClassifier(SmallPreTrainedModel):
-    """An MLP on frozen sentence embeddings; turn-over masks its hidden units at the classifier's input."""
-
-    config_class = EmbeddingClassifierConfig
-
-    def __init__(self, config: EmbeddingClassifierConfig) -> None:
-        super().__init__(config)
-        self.dense = nn.Linear(config.input_size, config.hidden_size)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
-
-    def forward(self, sentence_embedding: torch.Tensor, labels: torch.Tensor | None = None):
-        hidden = self.dropout(torch.relu(self.dense(sentence_embedding)))  # (B, H)
-        logits = self.classifier(hidden)  # (B, C)
-        loss = F.cross_entropy(logits, labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
-
-
-@dataclass
-class PreparedData:
-    train: datasets.Dataset
-    validation: datasets.Dataset
-    test: datasets.Dataset
-    collator: object
-    model_path: str
-    input_size: int = 0
-
-
-@torch.inference_mode()
-def encode(model_path: str, sentences: list[str], max_length: int, batch_size: int = 64) -> np.ndarray:
-    """Mean-pooled, L2-normalised sentence embeddings ``(N, D)``, as all-MiniLM-L6-v2 was trained to give."""
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    encoder = AutoModel.from_pretrained(model_path).eval()
-    order = np.argsort([len(s) for s in sentences], kind="stable")  # similar lengths per batch: less padding
-    out = np.empty((len(sentences), encoder.config.hidden_size), dtype=np.float32)
-    for start in tqdm(range(0, len(order), batch_size), desc="Encoding sentences"):
-        rows = order[start : start + batch_size]
-        batch = tokenizer(
-            [sentences[i] for i in rows],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
-        hidden = encoder(**batch).last_hidden_state  # (B, T, D)
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        out[rows] = F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1).numpy()
-    return out
-
-
-def cached_encode(
-    args: CleansingArguments, model_path: str, sentences: list[str], cache_dir: Path
-) -> np.ndarray:
-    key = hashlib.sha256(json.dumps([model_path, args.max_seq_length, sentences]).encode()).hexdigest()[:16]
-    path = cache_dir / f"embeddings-{key}.npy"
-    if path.is_file():
-        return np.load(path)
-    embeddings = encode(model_path, sentences, args.max_seq_length)
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, embeddings)
-    return embeddings
-
-
-def encode_splits(
-    args: CleansingArguments, splits: dict[str, datasets.Dataset], output: Path
-) -> PreparedData:
-    """Model inputs for every split: sentence embeddings (frozen setup) or token ids (adapters setup)."""
-    path = args.model_name_or_path or default_backbone()
-    if args.setup == "frozen":
-        cache_dir = Path(args.cache_dir) if args.cache_dir else output / "cache"
-        feature = datasets.List(datasets.Value("float32"))
-        for name, split in splits.items():
-            embeddings = cached_encode(args, path, list(split[args.text_column]), cache_dir)
-            splits[name] = split.add_column("sentence_embedding", list(embeddings), feature=feature)
-        return PreparedData(
-            **splits, collator=default_data_collator, model_path=path, input_size=embeddings.shape[1]
-        )
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    for name, split in splits.items():
-        splits[name] = split.map(
-            lambda batch: tokenizer(batch[args.text_column], truncation=True, max_length=args.max_seq_length),
-            batched=True,
-        )
-    return PreparedData(**splits, collator=DataCollatorWithPadding(tokenizer), model_path=path)
-
-
-def build_classifier(args: CleansingArguments, data: PreparedData, turnover: bool) -> nn.Module:
-    """A fresh classifier for ``args.setup``, with turn-over masks when ``turnover``."""
-    num_labels = int(max(data.train["label"])) + 1
-    if args.setup == "frozen":
-        dropout = 0.0 if turnover else args.hidden_dropout  # turn-over replaces dropout, as in the paper
-        config = EmbeddingClassifierConfig(data.input_size, args.hidden_size, dropout, num_labels=num_labels)
-        model, masked = EmbeddingClassifier(config), {"target_modules": None}
-    else:
-        import adapters
-
-        model = AutoModelForSequenceClassification.from_pretrained(data.model_path, num_labels=num_labels)
-        adapters.init(model)
-        model.add_adapter("cleansing", config=args.adapter_config)
-        model.train_adapter("cleansing")
-        n = model.config.num_hidden_layers
-        top = "|".join(str(i) for i in range(max(0, n - args.turnover_top_layers), n))
-        masked = {"target_modules": rf".*\.layer\.(?:{top})\..*\.adapters\.cleansing\.adapter_down"}
-    if turnover:
-        add_turnover(model, TurnoverConfig(p=args.turnover_p, head_modules="classifier", **masked))
-    return model
-
-
-def load_splits(args: CleansingArguments) -> dict[str, datasets.Dataset]:
-    """Training sentences and the target domain's validation/test sentences, truncated by the max_* flags."""
-    train = load_text_classification(args.dataset_name, args.dataset_config_name)["train"]
-    target = load_text_classification(args.target_dataset_name)
-    splits = {"train": train, "validation": target["validation"], "test": target["test"]}
-    limits = {"train": args.max_train_samples, "validation": args.max_validation_samples}
-    limits["test"] = args.max_test_samples
-    for name, limit in limits.items():
-        if limit is not None:
-            splits[name] = splits[name].select(range(min(limit, len(splits[name]))))
-    # Ids are the row positions of the training set as used here (after --max_train_samples).
-    train = splits["train"]
-    if "instance_id" in train.column_names:
-        train = train.remove_columns("instance_id")
-    splits["train"] = train.add_column("instance_id", list(range(len(train))))
-    return splits
-
-
-def train_model(cleansing_args, training_args, data, train, seed: int, turnover: bool):
-    """Train one model (turn-over or plain) on ``train`` with ``seed``; returns the trainer."""
-    set_seed(seed)  # the model's initial weights depend on the seed too
-    training_args.seed = training_args.data_seed = seed
-    model = build_classifier(cleansing_args, data, turnover)
-    cls = TurnoverTrainer if turnover else Trainer
-    trainer = cls(
-        model,
-        training_args,
-        train_dataset=train,
-        data_collator=data.collator,
-        compute_metrics=AccuracyMetric(),
-    )
-    trainer.train()
-    return trainer
-
-
-def without(train: datasets.Dataset, ids: set[int]) -> datasets.Dataset:
-    keep = [row for row, i in enumerate(train["instance_id"]) if i not in ids]
-    return train.select(keep)
-
-
-def run_conditions(cleansing_args, training_args, data, removed: list[int]) -> list[dict]:
+def run_conditions(cleansing_args, training_args, data: PreparedData, removed: list[int]) -> list[dict]:
     """Retrain without turn-over under each condition and seed; electronics test accuracy and loss."""
     n_remove = len(removed)
     rows = {name: {"condition": name, "accuracies": [], "losses": []} for name in PAPER}
-    seeds = [
-        training_args.seed + offset for offset in range(cleansing_args.num_seeds)
-    ]  # train_model sets .seed
+    seeds = [training_args.seed + offset for offset in range(cleansing_args.num_seeds)]
     for seed in seeds:
         random_ids = set(random.Random(seed).sample(range(len(data.train)), n_remove))
         subsets = {
@@ -303,7 +138,11 @@ def run_conditions(cleansing_args, training_args, data, removed: list[int]) -> l
             "cleansing": without(data.train, set(removed)),
         }
         for name, train in subsets.items():
-            trainer = train_model(cleansing_args, training_args, data, train, seed, turnover=False)
+            training_args.seed = training_args.data_seed = seed
+            build = partial(build_classifier, cleansing_args, None, data)
+            trainer = train_model(
+                build, training_args, train, data_collator=data.collator, compute_metrics=AccuracyMetric()
+            )
             metrics = trainer.evaluate(data.test, metric_key_prefix="test")
             rows[name]["accuracies"].append(metrics["test_accuracy"])
             rows[name]["losses"].append(metrics["test_loss"])
@@ -316,77 +155,29 @@ def run_conditions(cleansing_args, training_args, data, removed: list[int]) -> l
     return list(rows.values())
 
 
-def removed_report(
-    scores: datasets.Dataset, train: datasets.Dataset, text_column: str, removed: list[int]
-) -> str:
-    by_id = dict(zip(scores["train_id"], scores["score"], strict=True))
-    rows = [
-        [i, f"{by_id[i]:+.4g}", train[i]["label"], train[i][text_column]]
-        for i in removed  # ids == row positions
-    ]
-    title = f"# The {len(removed)} removed training sentences (most negative mean influence first)\n\n"
-    return title + markdown_table(["train id", "mean influence", "label", "sentence"], rows)
-
-
-def format_table(rows: list[dict], n_train: int, n_removed: int, num_seeds: int) -> str:
-    lines = [
-        f"| Condition ({n_train} training sentences, {n_removed} removed, {num_seeds} seeds) | "
-        "Accuracy (%) | Loss | Paper, 1% removed (%) |",
-        "|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['condition']} | {100 * r['accuracy_mean']:.1f} +- {100 * r['accuracy_std']:.1f} | "
-            f"{r['loss_mean']:.3f} +- {r['loss_std']:.3f} | "
-            f"{r['paper_accuracy_mean']:.1f} +- {r['paper_accuracy_std']:.1f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def plot(scores: datasets.Dataset, cutoff: float, rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    left.hist(scores["score"], bins=60, color="tab:blue")
-    left.axvline(cutoff, color="tab:red", linestyle="--", label="removal cut-off")
-    left.set(xlabel="mean influence on the target validation set", ylabel="training sentences", yscale="log")
-    left.legend()
-    for x, r in enumerate(rows):
-        right.scatter([x] * len(r["accuracies"]), 100 * np.array(r["accuracies"]), color="gray", s=12)
-        right.errorbar(x + 0.15, 100 * r["accuracy_mean"], yerr=100 * r["accuracy_std"], fmt="o", capsize=4)
-    right.set_xticks(range(len(rows)), [r["condition"] for r in rows])
-    right.set(ylabel="target test accuracy (%)", title="retrained without turn-over")
-    save_figure(fig, path)
-
-
-def most_harmful(scores: datasets.Dataset, fraction: float) -> list[int]:
-    """The ids of the ``fraction`` of training instances with the most negative mean influence, most harmful first."""
-    n_remove = max(1, round(fraction * len(scores)))
-    order = np.argsort(np.asarray(scores["score"]), kind="stable")
-    return [int(scores["train_id"][i]) for i in order[:n_remove]]
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; ``argv`` as on the command line (``None``: ``sys.argv[1:]``). Returns results.json."""
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
-    parser = HfArgumentParser((CleansingArguments, CleansingTrainingArguments))
-    cleansing_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    started = time.time()
-    output = Path(training_args.output_dir)
+    cleansing_args, turnover_args, training_args = parse_arguments(
+        (CleansingArguments, CleansingTurnoverArguments, CleansingTrainingArguments), argv
+    )
+    started, output, base_seed = time.time(), Path(training_args.output_dir), training_args.seed
     data = encode_splits(cleansing_args, load_splits(cleansing_args), output)
-    base_seed = training_args.seed
-    trainer = train_model(cleansing_args, training_args, data, data.train, base_seed, turnover=True)
+
+    # 1-2. Train with turn-over masks; mean influence of every training sentence on the target validation set.
+    training_args.data_seed = base_seed
+    build = partial(build_classifier, cleansing_args, turnover_args, data)
+    trainer = train_model(
+        build, training_args, data.train, data_collator=data.collator, compute_metrics=AccuracyMetric()
+    )
     scores = mean_influence(
         trainer.model, data.train, data.validation, batch_size=cleansing_args.influence_batch_size
     )
     save_scores(scores, output / "mean_influence.parquet")
+
+    # 3. Remove the most harmful fraction; 4. retrain without turn-over under each condition.
     removed = most_harmful(scores, cleansing_args.remove_fraction)
-    atomic_write_text(
-        output / "removed.md", removed_report(scores, data.train, cleansing_args.text_column, removed)
-    )
+    text = removed_report(scores, data.train, cleansing_args.text_column, removed)
+    atomic_write_text(output / "removed.md", text)
     rows = run_conditions(cleansing_args, training_args, data, removed)
     table = format_table(rows, len(data.train), len(removed), cleansing_args.num_seeds)
     print(table)
@@ -395,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     plot(scores, cutoff, rows, output / "cleansing.png")
     results = {
         "arguments": asdict(cleansing_args),
+        "turnover": asdict(turnover_args),
         "seed": base_seed,
         "num_train_epochs": training_args.num_train_epochs,
         "learning_rate": training_args.learning_rate,
@@ -406,8 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runtime_s": round(time.time() - started, 1),
     }
     write_json(output / "results.json", results)
-    if training_args.push_to_hub:
-        print("Pushed to", push_folder(output, training_args.hub_model_id, training_args.hub_token))
+    push_outputs(output, training_args)
     return results
 
 

@@ -1,4 +1,4 @@
-"""Pieces shared by the recipes: atomic writes, tables, accuracy, training defaults, small-model base, Hub upload.
+"""Pieces shared by the recipes: argument parsing, training, reports (JSON, Markdown tables, figures), the Hub push.
 
 The recipes import this module by its bare name (`from common import ...`): Python puts the script's folder on
 `sys.path` when it runs `python recipes/<name>.py`.
@@ -7,20 +7,33 @@ The recipes import this module by its bare name (`from common import ...`): Pyth
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 from torch import nn
-from transformers import EvalPrediction, PreTrainedModel
+from transformers import (
+    EvalPrediction,
+    HfArgumentParser,
+    PreTrainedModel,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import PredictionOutput
 
 from hf_turnover.atomic import atomic_path, atomic_write_text
 from hf_turnover.data import load_metric
-from hf_turnover.trainer import TurnoverTrainingArguments
+from hf_turnover.model import turnover_layers
+from hf_turnover.trainer import TurnoverTrainer, TurnoverTrainingArguments
+
+logger = logging.getLogger(__name__)
 
 
 def default_backbone() -> str:
@@ -47,6 +60,16 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (the recipes draw to files, never to a screen)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(figure: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
     """Save a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
@@ -59,13 +82,14 @@ def save_figure(figure: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
     return Path(path)
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub Markdown table; ``|`` inside cells is escaped."""
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
+    """A GitHub Markdown table, the columns ``right`` right-aligned; ``|`` and newlines in cells are escaped."""
 
     def cell(value: Any) -> str:
         return str(value).replace("|", "\\|").replace("\n", " ")
 
-    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    rule = "".join("---:|" if i in right else "---|" for i in range(len(headers)))
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + rule]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
@@ -89,16 +113,36 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
 
 
-def push_folder(folder: str | os.PathLike, repo_id: str | None, token: str | None = None) -> str:
-    """Upload a recipe's output folder to a Hub model repository (created if missing); returns its URL."""
-    if not repo_id:
-        raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/turnover-cleansing).")
-    from huggingface_hub import HfApi
+def push_outputs(output_dir: str | os.PathLike, training_args: RecipeTrainingArguments) -> str | None:
+    """With ``--push_to_hub``: upload a recipe's outputs to the Hub model repo ``--hub_model_id`` (default: the
+    output folder's name) in one commit; returns the commit URL (``None`` without ``--push_to_hub``).
 
-    api = HfApi(token=token)
-    url = api.create_repo(repo_id, exist_ok=True).repo_id
-    api.upload_folder(folder_path=str(folder), repo_id=url, ignore_patterns=["cache/*", "*.tmp"])
-    return f"https://huggingface.co/{url}"
+    The files of ``model/`` (where the recipe saved one) go to the repo's root, so ``from_pretrained(repo)``
+    loads it and its card shows; the results, reports, figures and scores go there too (``cache/`` does not).
+    """
+    if not training_args.push_at_end:
+        return None
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    output = Path(output_dir)
+    files = {p.relative_to(output).as_posix(): p for p in output.rglob("*") if p.is_file()}
+    files = {
+        name.removeprefix("model/"): path
+        for name, path in files.items()
+        if name.split("/")[0] != "cache" and not name.endswith(".tmp")
+    }
+    api = HfApi(token=training_args.hub_token)
+    repo_id = hub_repo_id(output, training_args)
+    api.create_repo(repo_id, private=training_args.hub_private_repo, exist_ok=True)
+    operations = [CommitOperationAdd(name, str(path)) for name, path in sorted(files.items())]
+    info = api.create_commit(repo_id, operations, commit_message=f"Upload {output.name}")
+    logger.info(f"Pushed {len(operations)} files to {info.commit_url}")
+    return info.commit_url
+
+
+def hub_repo_id(output_dir: str | os.PathLike, training_args: RecipeTrainingArguments) -> str:
+    """The repo :func:`push_outputs` uploads to: ``--hub_model_id``, or the output folder's name."""
+    return training_args.hub_model_id or Path(output_dir).name
 
 
 @dataclass
@@ -111,6 +155,51 @@ class RecipeTrainingArguments(TurnoverTrainingArguments):
     )
     save_strategy: str = field(default="no", metadata={"help": "Checkpoints are not needed for these runs."})
     logging_steps: float = field(default=100, metadata={"help": "Log the training loss every N steps."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # The Trainers never push (Trainer would push at every save); the recipe pushes its outputs once at
+        # the end, with push_outputs.
+        self.push_at_end, self.push_to_hub = self.push_to_hub, False
+
+
+def parse_arguments(argument_types: tuple[type, ...], argv: list[str] | None = None) -> tuple:
+    """The recipe's argument dataclasses from ``argv`` (``None``: ``sys.argv[1:]``); sets up logging too."""
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
+    return HfArgumentParser(argument_types).parse_args_into_dataclasses(args=argv)
+
+
+def train_model(
+    build_model: Callable[[], nn.Module],
+    training_args: TrainingArguments,
+    train_dataset: datasets.Dataset,
+    **kwargs,
+) -> Trainer:
+    """Seed, build a fresh model and train it: with `TurnoverTrainer` when the model carries turn-over masks,
+    with a plain `Trainer` otherwise. ``kwargs`` go to the trainer (``data_collator``, ``callbacks``...)."""
+    set_seed(training_args.seed)  # the initial weights depend on the seed too
+    model = build_model()
+    trainer_class = TurnoverTrainer if turnover_layers(model) else Trainer
+    trainer = trainer_class(model, training_args, train_dataset=train_dataset, **kwargs)
+    trainer.train()
+    return trainer
+
+
+def predict_in_order(trainer: Trainer, dataset: datasets.Dataset) -> PredictionOutput:
+    """``trainer.predict(dataset)`` with the predictions in the dataset's row order."""
+    # group_by_length also reorders evaluation batches (randomly): predict in dataset order instead.
+    grouped, trainer.args.group_by_length = trainer.args.group_by_length, False
+    try:
+        prediction = trainer.predict(dataset)
+    finally:
+        trainer.args.group_by_length = grouped
+    if "label" in dataset.column_names and not np.array_equal(
+        prediction.label_ids, np.asarray(dataset["label"])
+    ):
+        raise RuntimeError(
+            "Predictions came back in another order than the evaluation set; cannot report them."
+        )
+    return prediction
 
 
 class SmallPreTrainedModel(PreTrainedModel):

@@ -28,46 +28,40 @@ Add `--push_to_hub --hub_model_id you/turnover-sst2` to upload the model with it
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-import datasets
-import numpy as np
 import torch
-from adapters import AdapterConfig
-from common import AccuracyMetric, RecipeTrainingArguments, default_backbone
+from common import (
+    AccuracyMetric,
+    RecipeTrainingArguments,
+    default_backbone,
+    hub_repo_id,
+    parse_arguments,
+    predict_in_order,
+    push_outputs,
+    train_model,
+    write_json,
+)
 from sst2_parts import (
     add_plain_dropout,
+    build_model,
     load_splits,
-    misclassified_report,
-    top_self_influence,
-    train_and_evaluate,
+    tokenize,
+    write_influence_outputs,
 )
-from transformers import (
-    AutoConfig,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    HfArgumentParser,
-    Trainer,
-    set_seed,
-)
+from torch import nn
+from transformers import AutoTokenizer, DataCollatorWithPadding
 
-from hf_turnover.atomic import atomic_write_text
-from hf_turnover.config import TurnoverArguments, TurnoverConfig
+from hf_turnover.config import TurnoverArguments
 from hf_turnover.curves import LearningCurveCallback
 from hf_turnover.default_model import BACKBONE
-from hf_turnover.hub import push_turnover_model, save_turnover_model
-from hf_turnover.influence import self_influence
+from hf_turnover.hub import save_turnover_model
 from hf_turnover.model import remove_turnover
-from hf_turnover.modeling_turnover import TurnoverBertForSequenceClassification
-from hf_turnover.plots import plot_learning_curves, plot_self_influence
-from hf_turnover.results import save_scores
-from hf_turnover.trainer import TurnoverTrainer
+from hf_turnover.plots import plot_learning_curves
 
 logger = logging.getLogger("sst2")
 
@@ -139,163 +133,81 @@ class SST2TrainingArguments(RecipeTrainingArguments):
     dataloader_pin_memory: bool = field(default=False, metadata={"help": "Pin memory (for GPUs)."})
 
 
-def build_model(model_args: ModelArguments, config: TurnoverConfig, backbone: str, num_layers: int):
-    """Backbone + Houlsby adapters (top ``adapter_top_layers`` layers) + classifier, with turn-over masks."""
-    adapter = AdapterConfig.load(model_args.adapter_config)
-    if model_args.adapter_top_layers:
-        adapter = adapter.replace(leave_out=list(range(max(0, num_layers - model_args.adapter_top_layers))))
-    model = TurnoverBertForSequenceClassification.from_backbone(
-        backbone,
-        num_labels=2,
-        adapter_name="sst2",
-        adapter_config=adapter,
-        turnover=config,
-        id2label={0: "negative", 1: "positive"},
-        label2id={"negative": 0, "positive": 1},
+def main(argv: list[str] | None = None) -> None:
+    """Run the recipe; ``argv`` as on the command line (``None``: ``sys.argv[1:]``)."""
+    model_args, data_args, turnover_args, recipe, training_args = parse_arguments(
+        (ModelArguments, DataArguments, TurnoverArguments, RecipeArguments, SST2TrainingArguments), argv
     )
-    model.bert.pooler.requires_grad_(model_args.train_pooler)
-    return model
-
-
-@dataclass
-class Run:
-    """Everything the recipe's steps share."""
-
-    model_args: ModelArguments
-    data_args: DataArguments
-    recipe: RecipeArguments
-    training_args: SST2TrainingArguments
-    config: TurnoverConfig
-    backbone: str
-    num_layers: int
-    tokenizer: Any
-    train: datasets.Dataset
-    validation: datasets.Dataset
-    train_tok: datasets.Dataset
-    validation_tok: datasets.Dataset
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def prepare(model_args, data_args, turnover_args, recipe, training_args) -> Run:
-    backbone = model_args.model_name_or_path or default_backbone()
+    if recipe.paper_scale:
+        data_args.max_train_samples, training_args.num_train_epochs = 5000, 10
+        model_args.adapter_top_layers = 0
+    started, timings, output = time.time(), {}, Path(training_args.output_dir)
+    config, backbone = turnover_args.to_config(), model_args.model_name_or_path or default_backbone()
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     train, validation = load_splits(data_args, training_args.seed)
+    train_tok, validation_tok = (tokenize(split, tokenizer, data_args) for split in (train, validation))
+    trainer_kwargs = {
+        "data_collator": DataCollatorWithPadding(tokenizer),
+        "compute_metrics": AccuracyMetric(),
+    }
 
-    def tokenize(rows):
-        return tokenizer(rows[data_args.text_column], truncation=True, max_length=data_args.max_seq_length)
+    def build() -> nn.Module:
+        return build_model(model_args, config, backbone)
 
-    return Run(
-        model_args, data_args, recipe, training_args, turnover_args.to_config(), backbone,
-        AutoConfig.from_pretrained(backbone).num_hidden_layers, tokenizer, train, validation,
-        train.map(tokenize, batched=True), validation.map(tokenize, batched=True),
-    )  # fmt: skip
-
-
-def train_turnover(run: Run) -> tuple[TurnoverTrainer, float, np.ndarray]:
-    """Train with turn-over masks, logging own/flipped/eval learning curves; (trainer, accuracy, logits)."""
-    set_seed(run.training_args.seed)
-    model = build_model(run.model_args, run.config, run.backbone, run.num_layers)
-    args = run.training_args
-    steps = max(1, int(len(run.train) * args.num_train_epochs / args.per_device_train_batch_size))
+    # 1. Train with turn-over masks, logging the loss under own and flipped masks (Figure 2).
+    steps = int(len(train) * training_args.num_train_epochs / training_args.per_device_train_batch_size)
     curves = LearningCurveCallback(
-        run.train_tok.select(range(min(run.recipe.curve_subset, len(run.train_tok)))),
-        eval_dataset=run.validation_tok.select(range(min(256, len(run.validation_tok)))),
-        every_n_steps=max(1, steps // run.recipe.curve_points),
-        batch_size=args.per_device_eval_batch_size,
-    )
-    trainer = TurnoverTrainer(
-        model, args, train_dataset=run.train_tok, data_collator=DataCollatorWithPadding(run.tokenizer),
-        compute_metrics=AccuracyMetric(), callbacks=[curves],
+        train_tok.select(range(min(recipe.curve_subset, len(train_tok)))),
+        eval_dataset=validation_tok.select(range(min(256, len(validation_tok)))),
+        every_n_steps=max(1, max(1, steps) // recipe.curve_points), batch_size=training_args.per_device_eval_batch_size,
     )  # fmt: skip
-    accuracy, logits, run.timings["train_turnover_s"] = train_and_evaluate(trainer, run.validation_tok)
+    start = time.time()
+    trainer = train_model(build, training_args, train_tok, callbacks=[curves], **trainer_kwargs)
+    prediction = predict_in_order(trainer, validation_tok)
+    accuracy, timings["train_turnover_s"] = float(prediction.metrics["test_accuracy"]), time.time() - start
     logger.info(f"Validation accuracy with turn-over dropout: {accuracy:.4f}")
-    return trainer, accuracy, logits
 
-
-def train_baseline(run: Run) -> float:
-    """The same set-up with ordinary dropout on the same units instead of turn-over masks; its accuracy."""
-    set_seed(run.training_args.seed)
-    plain = add_plain_dropout(
-        remove_turnover(build_model(run.model_args, run.config, run.backbone, run.num_layers)), run.config
-    )
-    trainer = Trainer(
-        plain, run.training_args, train_dataset=run.train_tok,
-        data_collator=DataCollatorWithPadding(run.tokenizer), compute_metrics=AccuracyMetric(),
-    )  # fmt: skip
-    accuracy, _, run.timings["train_baseline_s"] = train_and_evaluate(trainer, run.validation_tok)
-    logger.info(f"Validation accuracy with ordinary dropout: {accuracy:.4f}")
-    return accuracy
-
-
-def write_influence_outputs(run: Run, model, logits: np.ndarray, output: Path) -> int:
-    """Self-influence parquet + histogram, and the Markdown report; returns how many errors were explained."""
-    start = time.time()
-    scores = self_influence(model, run.train_tok, batch_size=run.training_args.per_device_eval_batch_size)
-    run.timings["self_influence_s"] = time.time() - start
-    save_scores(scores, output / "self_influence.parquet")
-    plot_self_influence(scores, output / "self_influence.png")
-    start = time.time()
-    text = run.data_args.text_column
-    report, explained = misclassified_report(
-        model,
-        run.train,
-        run.validation,
-        logits,
-        run.validation_tok,
-        text,
-        run.recipe.num_explained,
-        run.recipe.top_k,
-    )
-    report += top_self_influence(scores, run.train, text, run.recipe.top_k)
-    run.timings["explain_s"] = time.time() - start
-    atomic_write_text(output / "misclassified.md", report)
-    return explained
-
-
-def main() -> None:
-    parser = HfArgumentParser(
-        (ModelArguments, DataArguments, TurnoverArguments, RecipeArguments, SST2TrainingArguments)
-    )
-    model_args, data_args, turnover_args, recipe, training_args = parser.parse_args_into_dataclasses()
-    if recipe.paper_scale:
-        data_args.max_train_samples, training_args.num_train_epochs, model_args.adapter_top_layers = (
-            5000,
-            10,
-            0,
-        )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    push, training_args.push_to_hub = training_args.push_to_hub, False  # we push model + card ourselves
-    started = time.time()
-    run = prepare(model_args, data_args, turnover_args, recipe, training_args)
-    trainer, accuracy, logits = train_turnover(run)
-    baseline_accuracy = train_baseline(run) if recipe.baseline else None
+    # 2. The side effect: the same set-up with ordinary dropout on the same units.
+    baseline_accuracy = None
+    if recipe.baseline:
+        start = time.time()
+        plain = lambda: add_plain_dropout(remove_turnover(build()), config)  # noqa: E731
+        baseline = train_model(plain, training_args, train_tok, **trainer_kwargs)
+        baseline_accuracy = float(predict_in_order(baseline, validation_tok).metrics["test_accuracy"])
+        timings["train_baseline_s"] = time.time() - start
+        logger.info(f"Validation accuracy with ordinary dropout: {baseline_accuracy:.4f}")
     if not trainer.is_world_process_zero():
         return  # scoring and writing happen once, on the main process
-    model, output = trainer.model.eval(), Path(training_args.output_dir)
-    command = ("accelerate launch recipes/sst2.py " + " ".join(sys.argv[1:])).strip()
+
+    # 3. The Hub-ready model, self-influence (Figure 7) and the misclassified sentences explained (Figures 3-4).
+    model = trainer.model.eval()
+    command = (
+        "accelerate launch recipes/sst2.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    ).strip()
     card = {
         "dataset_name": data_args.dataset_name or "rotten_tomatoes (bundled with hf_turnover)",
         "accuracy": accuracy, "baseline_accuracy": baseline_accuracy, "command": command,
         "base_model": model_args.model_name_or_path or BACKBONE["hub_id"],
+        "repo_id": hub_repo_id(output, training_args) if training_args.push_at_end else None,
     }  # fmt: skip
-    save_turnover_model(model, output / "model", tokenizer=run.tokenizer, train_dataset=run.train, card=card)
+    save_turnover_model(model, output / "model", tokenizer=tokenizer, train_dataset=train, card=card)
     plot_learning_curves(trainer.state.log_history, output / "learning_curves.png")
-    explained = write_influence_outputs(run, model, logits, output)
-    run.timings["total_s"] = time.time() - started
-    atomic_write_text(output / "results.json", json.dumps({
+    explained = write_influence_outputs(
+        model, train, train_tok, validation, validation_tok, prediction.predictions, data_args, recipe,
+        training_args.per_device_eval_batch_size, output, timings,
+    )  # fmt: skip
+    timings["total_s"] = time.time() - started
+    write_json(output / "results.json", {
         "accuracy_turnover": accuracy, "accuracy_baseline_dropout": baseline_accuracy,
         "paper_sst2_n5000": {"dropout": 0.900, "turnover": 0.883},
-        "num_train": len(run.train), "num_validation": len(run.validation), "misclassified_explained": explained,
-        "timings": run.timings, "turnover": run.config.to_dict(), "backbone": run.backbone,
+        "num_train": len(train), "num_validation": len(validation), "misclassified_explained": explained,
+        "timings": timings, "turnover": config.to_dict(), "backbone": backbone,
         "model": asdict(model_args), "data": asdict(data_args), "recipe": asdict(recipe), "command": command,
         "torch_threads": torch.get_num_threads(),
         "learning_curves": [e for e in trainer.state.log_history if "turnover_own_loss" in e],
-    }, indent=2) + "\n")  # fmt: skip
-    if push:
-        repo = training_args.hub_model_id or output.name
-        url = push_turnover_model(model, repo, tokenizer=run.tokenizer, train_dataset=run.train, card=card)
-        logger.info(f"Pushed to {url}")
-    logger.info(f"Done in {run.timings['total_s'] / 60:.1f} min; results in {output}")
+    })  # fmt: skip
+    push_outputs(output, training_args)
+    logger.info(f"Done in {timings['total_s'] / 60:.1f} min; results in {output}")
 
 
 if __name__ == "__main__":

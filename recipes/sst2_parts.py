@@ -1,21 +1,29 @@
-"""Pieces of `recipes/sst2.py`: data splits, the ordinary-dropout baseline, and the Markdown reports."""
+"""Pieces of `recipes/sst2.py`: data splits, the model, the ordinary-dropout baseline, and the Markdown reports."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
+from adapters import AdapterConfig
+from common import markdown_table
 from torch import nn
-from transformers import Trainer
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
+from hf_turnover.atomic import atomic_write_text
 from hf_turnover.config import TurnoverConfig
 from hf_turnover.data import load_text_classification
 from hf_turnover.explain import explain_prediction
+from hf_turnover.influence import self_influence
 from hf_turnover.model import find_modules
+from hf_turnover.modeling_turnover import TurnoverBertForSequenceClassification
+from hf_turnover.plots import plot_self_influence
+from hf_turnover.results import save_scores
 from hf_turnover.scorer import TurnoverScorer
 
 ID_COLUMN = "instance_id"
@@ -47,6 +55,34 @@ def load_splits(data_args: Any, seed: int) -> tuple[datasets.Dataset, datasets.D
     if data_args.max_eval_samples is not None:
         validation = validation.select(range(min(data_args.max_eval_samples, len(validation))))
     return train, validation
+
+
+def tokenize(
+    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, data_args: Any
+) -> datasets.Dataset:
+    """``dataset`` with the token columns of its ``--text_column``, truncated to ``--max_seq_length``."""
+    return dataset.map(
+        lambda rows: tokenizer(
+            rows[data_args.text_column], truncation=True, max_length=data_args.max_seq_length
+        ),
+        batched=True,
+    )
+
+
+def build_model(
+    model_args: Any, config: TurnoverConfig, backbone: str
+) -> TurnoverBertForSequenceClassification:
+    """Backbone + Houlsby adapters (top ``adapter_top_layers`` layers) + classifier, with turn-over masks."""
+    adapter = AdapterConfig.load(model_args.adapter_config)
+    if model_args.adapter_top_layers:
+        num_layers = AutoConfig.from_pretrained(backbone).num_hidden_layers
+        adapter = adapter.replace(leave_out=list(range(max(0, num_layers - model_args.adapter_top_layers))))
+    model = TurnoverBertForSequenceClassification.from_backbone(
+        backbone, num_labels=2, adapter_name="sst2", adapter_config=adapter, turnover=config,
+        id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
+    )  # fmt: skip
+    model.bert.pooler.requires_grad_(model_args.train_pooler)
+    return model
 
 
 def add_plain_dropout(model: nn.Module, config: TurnoverConfig) -> nn.Module:
@@ -104,50 +140,47 @@ def misclassified_report(
         lines.append(
             f"Gold: **{names[int(gold[index])]}**, predicted: **{label}** (p = {why['prediction']['score']:.3f}).\n"
         )
-        lines.append("| influence | label | training sentence (id) |\n|---:|---|---|")
-        for item in why["helpful"]:
-            lines.append(
-                f"| {item['score']:+.4f} | {names[item['label']]} | {_cell(item['text'])} ({item['train_id']}) |"
-            )
-        lines.append("")
+        rows = [
+            [f"{h['score']:+.4f}", names[h["label"]], f"{h['text']} ({h['train_id']})"]
+            for h in why["helpful"]
+        ]
+        lines.append(markdown_table(["influence", "label", "training sentence (id)"], rows, right=(0,)))
     return "\n".join(lines) + "\n", len(order)
+
+
+def write_influence_outputs(
+    model: nn.Module, train: datasets.Dataset, train_tok: datasets.Dataset, validation: datasets.Dataset,
+    validation_tok: datasets.Dataset, logits: np.ndarray, data_args: Any, recipe: Any, batch_size: int,
+    output: Path, timings: dict[str, float],
+) -> int:  # fmt: skip
+    """Self-influence parquet + histogram, and the Markdown report; returns how many errors were explained."""
+    start = time.time()
+    scores = self_influence(model, train_tok, batch_size=batch_size)
+    timings["self_influence_s"] = time.time() - start
+    save_scores(scores, output / "self_influence.parquet")
+    plot_self_influence(scores, output / "self_influence.png")
+    start, text = time.time(), data_args.text_column
+    report, explained = misclassified_report(
+        model, train, validation, logits, validation_tok, text, recipe.num_explained, recipe.top_k
+    )
+    report += top_self_influence(scores, train, text, recipe.top_k)
+    timings["explain_s"] = time.time() - start
+    atomic_write_text(output / "misclassified.md", report)
+    return explained
 
 
 def top_self_influence(scores: datasets.Dataset, train: datasets.Dataset, text_column: str, k: int) -> str:
     """Markdown: the training sentences with the highest self-influence (memorised, atypical or mislabelled)."""
     position = {int(i): row for row, i in enumerate(train[ID_COLUMN])}
-    top = scores.sort("score", reverse=True).select(range(min(k * 2, len(scores))))
-    lines = [
-        "# Highest self-influence training sentences\n",
-        "`I(z_i, z_i)`: how much training on a sentence lowered its own loss. The largest values flag sentences "
-        "the model fits only by memorising them: atypical, ambiguous or mislabelled ones.\n",
-        "| self-influence | label | training sentence (id) |",
-        "|---:|---|---|",
-    ]
-    for item in top:
+    rows = []
+    for item in scores.sort("score", reverse=True).select(range(min(k * 2, len(scores)))):
         row = train[position[int(item["train_id"])]]
-        lines.append(
-            f"| {item['score']:+.4f} | {row['label']} | {_cell(row[text_column])} ({item['train_id']}) |"
-        )
-    return "\n" + "\n".join(lines) + "\n"
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def train_and_evaluate(trainer: Trainer, eval_dataset: datasets.Dataset) -> tuple[float, np.ndarray, float]:
-    """(accuracy, logits on ``eval_dataset``, seconds) after training."""
-    start = time.time()
-    trainer.train()
-    # group_by_length also reorders evaluation batches (randomly): predict in dataset order instead.
-    grouped, trainer.args.group_by_length = trainer.args.group_by_length, False
-    try:
-        prediction = trainer.predict(eval_dataset)
-    finally:
-        trainer.args.group_by_length = grouped
-    if not np.array_equal(prediction.label_ids, np.asarray(eval_dataset["label"])):
-        raise RuntimeError(
-            "Predictions came back in another order than the evaluation set; cannot report them."
-        )
-    return float(prediction.metrics["test_accuracy"]), prediction.predictions, time.time() - start
+        rows.append([f"{item['score']:+.4f}", row["label"], f"{row[text_column]} ({item['train_id']})"])
+    intro = (
+        "# Highest self-influence training sentences\n\n"
+        "`I(z_i, z_i)`: how much training on a sentence lowered its own loss. The largest values flag sentences "
+        "the model fits only by memorising them: atypical, ambiguous or mislabelled ones.\n\n"
+    )
+    return (
+        "\n" + intro + markdown_table(["self-influence", "label", "training sentence (id)"], rows, right=(0,))
+    )
