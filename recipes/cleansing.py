@@ -53,6 +53,7 @@ from common import (
 from hf_turnover.atomic import atomic_write_text
 from hf_turnover.config import TurnoverArguments
 from hf_turnover.influence import mean_influence
+from hf_turnover.model import get_turnover_config
 from hf_turnover.results import save_scores
 
 logger = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     plot(scores, cutoff, rows, output / "cleansing.png")
     results = {
         "arguments": asdict(cleansing_args),
-        "turnover": asdict(turnover_args),
+        "turnover": get_turnover_config(trainer.model).to_dict(),
         "seed": base_seed,
         "num_train_epochs": training_args.num_train_epochs,
         "learning_rate": training_args.learning_rate,

@@ -4,10 +4,10 @@ r"""Turn-over dropout on the later layers of a VGG-style CNN (Kobayashi et al. 2
     python recipes/vision.py --output_dir runs/vision      # 5,000 training images, 15 epochs: ~14 min, 2 CPU cores
     python recipes/vision.py --max_train_samples 60000 --num_train_epochs 5 --output_dir runs/vision_full
 
-Trains the CNN twice with the same seed, with turn-over masks on its later layers (`--target_modules`, a regex
-over module names; default the wide hidden dense layer `classifier.fc1`, add conv channels with e.g.
-`--target_modules 'features\.conv3_\d+|classifier\.fc1'`) and without (the plain model), and reports both test
-accuracies. For misclassified test images it then finds the most helpful and most harmful training images with
+Trains the CNN twice with the same seed, with turn-over masks on its later layers (`--turnover_target_modules`,
+a regex over module names; default the wide hidden dense layer `classifier.fc1`, add conv channels with e.g.
+`--turnover_target_modules 'features\.conv3_\d+|classifier\.fc1'`) and without (the plain model), and reports
+both test accuracies. For misclassified test images it then finds the most helpful and most harmful training images with
 `estimate_influence(..., top_k=...)` (scored against the TRUE label: helpful images lowered its loss, harmful
 ones raised it), draws them as a grid, and checks them: how often the helpful images carry the true label and the
 harmful ones the wrongly predicted label, against the chance rates of those labels.
@@ -20,113 +20,35 @@ Writes `results.json`, `misclassified_influence.png`, `influence.parquet` and th
 
 from __future__ import annotations
 
-import gzip
-import logging
 import sys
 import time
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import datasets
 import numpy as np
-import torch
-import torch.nn.functional as F
-from common import AccuracyMetric, RecipeTrainingArguments, SmallPreTrainedModel, save_figure, write_json
-from torch import nn
-from transformers import HfArgumentParser, PretrainedConfig, Trainer, set_seed
-from transformers.modeling_outputs import ImageClassifierOutput
+from common import (
+    AccuracyMetric,
+    RecipeTrainingArguments,
+    parse_arguments,
+    push_outputs,
+    train_model,
+    write_json,
+)
+from vision_parts import (
+    FASHION_MNIST_DIR,
+    VGGConfig,
+    VGGForImageClassification,
+    draw_grid,
+    label_checks,
+    load_images,
+)
 
-from hf_turnover.config import TurnoverConfig
+from hf_turnover.config import TurnoverArguments
 from hf_turnover.influence import estimate_influence
-from hf_turnover.model import add_turnover, turnover_layers
+from hf_turnover.model import add_turnover, get_turnover_config, turnover_layers
 from hf_turnover.results import save_scores
-from hf_turnover.trainer import TurnoverTrainer
-
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_CLASSES = [
-    "T-shirt",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Boot",
-]
-
-
-class VGGConfig(PretrainedConfig):
-    model_type = "turnover_vgg"
-
-    def __init__(
-        self,
-        in_channels: int = 1,
-        image_size: int = 28,
-        channels: list[int] | None = None,
-        convs_per_block: int = 1,
-        hidden_size: int = 256,
-        hidden_dropout_prob: float = 0.0,
-        pixel_mean: list[float] | None = None,
-        pixel_std: list[float] | None = None,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        # Per-channel statistics of the training images in [0, 1]: the model standardises its uint8 input.
-        self.pixel_mean = list(pixel_mean or [0.5] * in_channels)
-        self.pixel_std = list(pixel_std or [0.25] * in_channels)
-        self.in_channels, self.image_size, self.convs_per_block = in_channels, image_size, convs_per_block
-        self.channels = list(channels or [32, 64, 128])
-        self.hidden_size, self.hidden_dropout_prob = hidden_size, hidden_dropout_prob
-
-
-class VGGForImageClassification(SmallPreTrainedModel):
-    """Blocks of 3x3 conv + ReLU and a 2x2 max pool (VGG without batch norm), then dense + ReLU + dropout + head.
-
-    Module names: ``features.conv{block}_{k}`` (blocks from 1), ``classifier.fc1`` (hidden), ``classifier.fc2``.
-    """
-
-    config_class = VGGConfig
-    main_input_name = "pixel_values"
-
-    def __init__(self, config: VGGConfig) -> None:
-        super().__init__(config)
-        layers, width, size = OrderedDict(), config.in_channels, config.image_size
-        for block, out in enumerate(config.channels, start=1):
-            for k in range(1, config.convs_per_block + 1):
-                layers[f"conv{block}_{k}"] = nn.Conv2d(width, out, kernel_size=3, padding=1)
-                layers[f"relu{block}_{k}"] = nn.ReLU()
-                width = out
-            layers[f"pool{block}"] = nn.MaxPool2d(2)
-            size //= 2
-        if size < 1:
-            raise ValueError(
-                f"{len(config.channels)} pooling blocks shrink a {config.image_size}px image to 0."
-            )
-        self.features = nn.Sequential(layers)
-        self.classifier = nn.Sequential(
-            OrderedDict(
-                flatten=nn.Flatten(),
-                fc1=nn.Linear(width * size * size, config.hidden_size),
-                relu=nn.ReLU(),
-                dropout=nn.Dropout(config.hidden_dropout_prob),
-                fc2=nn.Linear(config.hidden_size, config.num_labels),
-            )
-        )
-        self.post_init()
-
-    def forward(
-        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None
-    ) -> ImageClassifierOutput:
-        if not pixel_values.is_floating_point():  # uint8 images as stored
-            mean = pixel_values.new_tensor(self.config.pixel_mean, dtype=torch.float32).view(-1, 1, 1)
-            std = pixel_values.new_tensor(self.config.pixel_std, dtype=torch.float32).view(-1, 1, 1)
-            pixel_values = (pixel_values.float() / 255.0 - mean) / std  # (B, C, H, W)
-        logits = self.classifier(self.features(pixel_values))  # (B, C, H, W) -> (B, num_labels)
-        loss = F.cross_entropy(logits, labels) if labels is not None else None
-        return ImageClassifierOutput(loss=loss, logits=logits)
 
 
 @dataclass
@@ -154,17 +76,24 @@ class VisionArguments:
     hidden_dropout: float = field(
         default=0.0, metadata={"help": "Ordinary dropout before the head (both nets)."}
     )
-    target_modules: str | None = field(
-        default=None,
-        metadata={"help": "Regex (full match) of the masked modules; default: classifier.fc1."},
-    )
-    turnover_p: float = field(default=0.5, metadata={"help": "Keep probability of the turn-over masks."})
     num_explained: int = field(default=50, metadata={"help": "Misclassified test images to score."})
     num_shown: int = field(default=6, metadata={"help": "Misclassified test images drawn in the grid."})
     top_k: int = field(default=4, metadata={"help": "Most helpful and most harmful training images per row."})
     influence_batch_size: int | None = field(
         default=None, metadata={"help": "Training ids per scoring forward (default: sized to the input)."}
     )
+
+
+@dataclass
+class VisionTurnoverArguments(TurnoverArguments):
+    """Masks on the wide hidden dense layer by default; add conv channels with e.g.
+    ``--turnover_target_modules 'features\\.conv3_\\d+|classifier\\.fc1'``."""
+
+    turnover_target_modules: str = field(
+        default=r"classifier\.fc1",
+        metadata={"help": "Modules whose output units are masked (regex, full match)."},
+    )
+    turnover_head_modules: str = field(default="", metadata={"help": "Modules whose input units are masked."})
 
 
 @dataclass
@@ -179,80 +108,14 @@ class VisionTrainingArguments(RecipeTrainingArguments):
     logging_steps: float = field(default=200, metadata={"help": "Log the training loss every N steps."})
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (the MNIST format: big-endian header, then uint8 data), gzipped or not."""
-    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
-    ndim = raw[3]
-    shape = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def load_fashion_mnist(data_dir: str) -> tuple[dict, list[str]]:
-    folder = Path(data_dir)
-    if not (folder / "train-images-idx3-ubyte.gz").is_file():
-        raise FileNotFoundError(
-            f"No Fashion-MNIST IDX files in {folder}. Install them with `apt-get install -y "
-            "dataset-fashion-mnist` (Debian/Ubuntu), pass --data_dir, or use --dataset digits."
-        )
-    arrays = {}
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        images = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")[:, None]  # (N, 1, 28, 28)
-        arrays[split] = (images, read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz"))
-    return arrays, FASHION_MNIST_CLASSES
-
-
-def load_digits_arrays() -> tuple[dict, list[str]]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = np.clip(digits.images * 16, 0, 255).astype(np.uint8)[:, None]  # 0..16 -> 0..255, (N, 1, 8, 8)
-    order = np.random.default_rng(0).permutation(len(images))  # a fixed split: 300 test images
-    test, train = order[:300], order[300:]
-    return {"train": (images[train], digits.target[train]), "test": (images[test], digits.target[test])}, [
-        str(i) for i in range(10)
-    ]
-
-
-def load_hub_arrays(name: str) -> tuple[dict, list[str]]:
-    hub = datasets.load_dataset(name)
-    features = hub["train"].features
-    image_column = next(c for c, f in features.items() if isinstance(f, datasets.Image))
-    label_column = next(c for c, f in features.items() if isinstance(f, datasets.ClassLabel))
-    arrays = {}
-    for split in ("train", "test"):
-        images = np.stack([np.asarray(img) for img in hub[split][image_column]])  # (N, H, W[, C])
-        images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
-        arrays[split] = (images.astype(np.uint8), np.asarray(list(hub[split][label_column])))
-    return arrays, features[label_column].names
-
-
-def load_images(args: VisionArguments) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
-    """Train and test sets with `pixel_values` (uint8, (C, H, W)), `label` and `instance_id`."""
-    if args.dataset == "fashion_mnist":
-        arrays, classes = load_fashion_mnist(args.data_dir)
-    elif args.dataset == "digits":
-        arrays, classes = load_digits_arrays()
-    else:
-        arrays, classes = load_hub_arrays(args.dataset)
-    out = []
-    for split, limit in (("train", args.max_train_samples), ("test", args.max_eval_samples)):
-        images, labels = arrays[split]
-        images, labels = images[:limit], labels[:limit]
-        features = datasets.Features(
-            pixel_values=datasets.Array3D(shape=images.shape[1:], dtype="uint8"),
-            label=datasets.ClassLabel(names=classes),
-            instance_id=datasets.Value("int64"),
-        )
-        rows = {
-            "pixel_values": images,
-            "label": labels.astype(np.int64),
-            "instance_id": np.arange(len(images)),
-        }
-        out.append(datasets.Dataset.from_dict(rows, features=features).with_format("torch"))
-    return out[0], out[1], classes
-
-
-def build_model(args: VisionArguments, train: datasets.Dataset, classes: list[str], turnover: bool):
+def build_model(
+    args: VisionArguments,
+    turnover_args: TurnoverArguments | None,
+    train: datasets.Dataset,
+    classes: list[str],
+) -> VGGForImageClassification:
+    """A fresh CNN that standardises its input with the training images' statistics; with turn-over masks
+    unless ``turnover_args`` is ``None``."""
     pixels = train.with_format("numpy")["pixel_values"][:5000] / 255.0  # (N, C, H, W): statistics of a sample
     channels, size = pixels.shape[1], pixels.shape[-1]
     config = VGGConfig(
@@ -268,51 +131,7 @@ def build_model(args: VisionArguments, train: datasets.Dataset, classes: list[st
         id2label=dict(enumerate(classes)),
     )
     model = VGGForImageClassification(config)
-    if turnover:
-        target = args.target_modules or r"classifier\.fc1"
-        add_turnover(model, TurnoverConfig(p=args.turnover_p, target_modules=target, head_modules=None))
-    return model
-
-
-def train_and_test(args, training_args, train, test, classes, turnover: bool):
-    set_seed(training_args.seed)  # both nets start from the same weights
-    model = build_model(args, train, classes, turnover)
-    cls = TurnoverTrainer if turnover else Trainer
-    trainer = cls(model, training_args, train_dataset=train, compute_metrics=AccuracyMetric())
-    trainer.train()
-    prediction = trainer.predict(test)
-    return trainer, prediction
-
-
-def draw_grid(scores: datasets.Dataset, train, test, targets: list[int], predicted, classes, k, path) -> None:
-    """One row per misclassified test image: the image, its k most helpful and k most harmful training images."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(targets), 2 * k + 1, figsize=(1.3 * (2 * k + 1), 1.55 * len(targets)))
-    axes = np.atleast_2d(axes)
-    table = scores.to_pandas()
-    for row, index in enumerate(targets):
-        chosen = table[table.target_id == index].sort_values("score", ascending=False)
-        cells = [
-            (test[index], f"true {classes[int(test[index]['label'])]}\npred {classes[predicted[index]]}")
-        ]
-        for hit in [*chosen.head(k).itertuples(), *chosen.tail(k).iloc[::-1].itertuples()]:
-            image = train[int(hit.train_id)]
-            cells.append((image, f"{classes[int(image['label'])]}\n{hit.score:+.3f}"))
-        for ax, (item, title) in zip(axes[row], cells, strict=True):
-            picture = item["pixel_values"].numpy().transpose(1, 2, 0)  # (H, W, C)
-            ax.imshow(picture.squeeze(-1) if picture.shape[-1] == 1 else picture, cmap="gray")
-            ax.set_title(title, fontsize=7)
-            ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle(
-        f"Misclassified test images | {k} most helpful | {k} most harmful training images (influence on the "
-        "true label's loss)",
-        fontsize=9,
-    )
-    save_figure(fig, path)
+    return add_turnover(model, turnover_args.to_config()) if turnover_args else model
 
 
 def explain(
@@ -333,38 +152,28 @@ def explain(
     return label_checks(scores.to_pandas(), np.asarray(plain_train["label"]), test, predicted, args.top_k)
 
 
-def label_checks(table, train_labels: np.ndarray, test, predicted, k: int) -> dict:
-    """How often the k most helpful images carry the target's true label and the k most harmful its predicted
-    label, beside the chance rates (those labels' shares of the training set)."""
-    share = np.bincount(train_labels, minlength=int(train_labels.max()) + 1) / len(train_labels)
-    rates = {"helpful_true_label": [], "chance_true_label": [], "harmful_predicted_label": []}
-    rates["chance_predicted_label"] = []
-    for target, group in table.groupby("target_id"):
-        ordered = train_labels[group.sort_values("score", ascending=False).train_id.to_numpy()]
-        true, wrong_label = int(test[int(target)]["label"]), int(predicted[int(target)])
-        rates["helpful_true_label"].append(np.mean(ordered[:k] == true))
-        rates["harmful_predicted_label"].append(np.mean(ordered[-k:] == wrong_label))
-        rates["chance_true_label"].append(share[true])
-        rates["chance_predicted_label"].append(share[wrong_label])
-    return {name: float(np.mean(values)) for name, values in rates.items()}
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; ``argv`` as on the command line (``None``: ``sys.argv[1:]``). Returns results.json."""
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
-    args, training_args = HfArgumentParser(
-        (VisionArguments, VisionTrainingArguments)
-    ).parse_args_into_dataclasses(args=argv)
+    args, turnover_args, training_args = parse_arguments(
+        (VisionArguments, VisionTurnoverArguments, VisionTrainingArguments), argv
+    )
     started, output = time.time(), Path(training_args.output_dir)
     train, test, classes = load_images(args)
-    _, plain_prediction = train_and_test(args, training_args, train, test, classes, turnover=False)
-    trainer, prediction = train_and_test(args, training_args, train, test, classes, turnover=True)
+    metric = {"compute_metrics": AccuracyMetric()}
+    # Both nets start from the same weights (train_model seeds before building).
+    plain = train_model(partial(build_model, args, None, train, classes), training_args, train, **metric)
+    plain_prediction = plain.predict(test)
+    trainer = train_model(
+        partial(build_model, args, turnover_args, train, classes), training_args, train, **metric
+    )
+    prediction = trainer.predict(test)
     trainer.save_model(str(output / "model"))
     predicted = prediction.predictions.argmax(-1)
     wrong = np.flatnonzero(predicted != prediction.label_ids)[: args.num_explained].tolist()
     checks = explain(args, trainer.model, train, test, wrong, predicted, classes, output) if wrong else {}
     results = {
         "arguments": asdict(args),
+        "turnover": get_turnover_config(trainer.model).to_dict(),
         "num_train_epochs": training_args.num_train_epochs,
         "seed": training_args.seed,
         "num_train": len(train),
@@ -381,8 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"test accuracy: plain {results['accuracy_plain']:.4f}, turn-over {results['accuracy_turnover']:.4f}"
     )
     write_json(output / "results.json", results)
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
+    push_outputs(output, training_args)
     return results
 
 

@@ -16,7 +16,12 @@ from hf_turnover.model import get_turnover_config
 from hf_turnover.results import load_scores
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-FAST = ["--disable_tqdm", "true", "--seed", "0"]
+
+
+def flags(**options) -> list[str]:
+    """``--name value`` command-line arguments, with the quick settings every smoke run shares."""
+    options = {"disable_tqdm": "true", "seed": 0, **options}
+    return [item for name, value in options.items() for item in (f"--{name}", str(value))]
 
 
 @pytest.fixture
@@ -29,18 +34,12 @@ def recipe(monkeypatch):
 def test_cleansing_writes_the_table(recipe, tmp_path):
     cleansing = recipe("cleansing")
     out = tmp_path / "cleansing"
-    argv = ["--output_dir", str(out), "--max_train_samples", "120", "--max_validation_samples", "12"]
-    argv += [
-        "--max_test_samples",
-        "40",
-        "--num_seeds",
-        "2",
-        "--num_train_epochs",
-        "2",
-        "--remove_fraction",
-        "0.05",
-    ]
-    results = cleansing.main(argv + ["--per_device_train_batch_size", "16", "--hidden_size", "32", *FAST])
+    results = cleansing.main(
+        flags(
+            output_dir=out, max_train_samples=120, max_validation_samples=12, max_test_samples=40, num_seeds=2,
+            num_train_epochs=2, remove_fraction=0.05, per_device_train_batch_size=16, hidden_size=32,
+        )
+    )  # fmt: skip
     assert json.loads((out / "results.json").read_text()) == results
     assert [r["condition"] for r in results["rows"]] == ["no cleansing", "random removal", "cleansing"]
     for row in results["rows"]:
@@ -66,7 +65,7 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
 
 
 def test_vision_reads_idx_files(recipe, tmp_path):
-    vision = recipe("vision")
+    vision = recipe("vision_parts")
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (5, 28, 28)), rng.integers(0, 10, 5)
     for prefix in ("train", "t10k"):
@@ -81,7 +80,7 @@ def test_vision_reads_idx_files(recipe, tmp_path):
 
 
 def test_vision_fashion_mnist_package_if_installed(recipe):
-    vision = recipe("vision")
+    vision = recipe("vision_parts")
     if not Path(vision.FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz").is_file():
         pytest.skip(
             "Debian's dataset-fashion-mnist is not installed (apt-get install -y dataset-fashion-mnist)"
@@ -94,19 +93,13 @@ def test_vision_fashion_mnist_package_if_installed(recipe):
 def test_vision_on_digits(recipe, tmp_path):
     vision = recipe("vision")
     out = tmp_path / "vision"
-    argv = ["--dataset", "digits", "--output_dir", str(out), "--max_train_samples", "200"]
-    argv += [
-        "--max_eval_samples",
-        "60",
-        "--num_train_epochs",
-        "2",
-        "--channels",
-        "8,16",
-        "--hidden_size",
-        "32",
-    ]
-    masked = ["--target_modules", r"features\.conv2_\d+|classifier\.fc1"]  # conv channels and dense units
-    results = vision.main(argv + masked + ["--num_explained", "2", "--num_shown", "1", "--top_k", "2", *FAST])
+    masked = r"features\.conv2_\d+|classifier\.fc1"  # conv channels and dense units
+    results = vision.main(
+        flags(
+            dataset="digits", output_dir=out, max_train_samples=200, max_eval_samples=60, num_train_epochs=2,
+            channels="8,16", hidden_size=32, turnover_target_modules=masked, num_explained=2, num_shown=1, top_k=2,
+        )
+    )  # fmt: skip
     assert 0.0 <= results["accuracy_plain"] <= 1.0 and 0.0 <= results["accuracy_turnover"] <= 1.0
     assert results["turnover_layers"] == ["classifier.fc1", "features.conv2_1"]  # the later layers only
     explained = results["explained_test_ids"]
@@ -126,7 +119,7 @@ def test_vision_on_digits(recipe, tmp_path):
 
 
 def test_lm_instances_are_context_next_word_pairs(recipe):
-    lm = recipe("lm_self_influence")
+    lm = recipe("lm_self_influence_parts")
     vocabulary = lm.build_vocabulary([["Good", "film", "."], ["good", "."]], min_frequency=2)
     assert vocabulary == [lm.BOS, lm.EOS, lm.UNK, ".", "good"]
     index = {w: i for i, w in enumerate(vocabulary)}
@@ -140,18 +133,12 @@ def test_lm_instances_are_context_next_word_pairs(recipe):
 def test_lm_self_influence(recipe, tmp_path):
     lm = recipe("lm_self_influence")
     out = tmp_path / "lm"
-    argv = ["--output_dir", str(out), "--max_train_samples", "80", "--max_eval_samples", "20"]
-    argv += [
-        "--num_train_epochs",
-        "1",
-        "--embedding_size",
-        "8",
-        "--hidden_size",
-        "16",
-        "--num_hidden_layers",
-        "2",
-    ]
-    results = lm.main(argv + ["--num_rendered_texts", "5", "--num_top", "5", *FAST])
+    results = lm.main(
+        flags(
+            output_dir=out, max_train_samples=80, max_eval_samples=20, num_train_epochs=1, embedding_size=8,
+            hidden_size=16, num_hidden_layers=2, num_rendered_texts=5, num_top=5,
+        )
+    )  # fmt: skip
     texts, _ = lm.load_texts(lm.LMArguments(max_train_samples=80, max_eval_samples=20))
     assert results["num_train_instances"] == sum(len(t) + 1 for t in texts)
     scores = load_scores(out / "self_influence.parquet").to_pandas()
@@ -166,3 +153,42 @@ def test_lm_self_influence(recipe, tmp_path):
     model = lm.NGramLM.from_pretrained(out / "model")
     assert get_turnover_config(model).head_modules == r"hidden\.1|lm_head"  # both hidden layers' outputs
     assert (out / "self_influence.png").stat().st_size > 0
+
+
+PUSH = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from common import RecipeTrainingArguments, push_outputs
+from huggingface_hub import HfApi
+
+args = RecipeTrainingArguments(output_dir=sys.argv[2], push_to_hub=True, hub_model_id="test-user/recipe-run")
+assert not args.push_to_hub  # the Trainers never push; push_outputs does, once
+push_outputs(sys.argv[2], args)
+print(json.dumps(sorted(HfApi().list_repo_files("test-user/recipe-run"))))
+"""
+
+
+def test_push_outputs_puts_the_model_at_the_repo_root_beside_the_results(tmp_path):
+    from hub_double import HubDouble
+    from hub_fixtures import run_fresh
+
+    out = tmp_path / "out"
+    for name in (
+        "model/config.json",
+        "model/model.safetensors",
+        "results.json",
+        "figures/a.png",
+        "cache/x.npy",
+    ):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(name)
+    with HubDouble(tmp_path / "hub") as hub:
+        files = run_fresh(
+            PUSH, tmp_path, hub.client_env(tmp_path / "home"), str(RECIPES), str(out), block=False
+        )
+    assert set(files) - {".gitattributes"} == {
+        "config.json",
+        "model.safetensors",
+        "results.json",
+        "figures/a.png",
+    }
