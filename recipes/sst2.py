@@ -23,7 +23,7 @@ Paper scale (5,000 instances, 10 epochs, adapters in every layer), and BERT from
     accelerate launch recipes/sst2.py --paper_scale --model_name_or_path bert-base-cased \
         --dataset_name glue --dataset_config_name sst2 --learning_rate 1e-4
 
-Add `--push_to_hub --hub_model_id you/turnover-sst2` to upload the model with its card.
+Add `--push_to_hub --hub_model_id you/turnover-sst2` to upload the model with its card (the results beside it).
 """
 
 from __future__ import annotations
