@@ -9,9 +9,26 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from hf_turnover import TurnoverConfig, add_turnover
+from hf_turnover import TurnoverConfig, TurnoverTrainingArguments, add_turnover
 
 VOCAB = 64
+
+
+# The tiny BERT every test builds (with its own vocabulary and labels).
+TINY_BERT = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=2
+)
+
+
+def add_task_adapter(model: nn.Module, adapter_config: str = "double_seq_bn") -> nn.Module:
+    """A trainable bottleneck adapter "task" whose up-projections are random, so that masks show in the outputs
+    (adapters start near the identity)."""
+    model.add_adapter("task", config=adapter_config)
+    model.train_adapter("task")
+    for name, param in model.named_parameters():
+        if "adapter_up" in name:
+            nn.init.normal_(param, std=0.5)
+    return model
 
 
 def make_tiny_bert(
@@ -20,28 +37,26 @@ def make_tiny_bert(
     """A 2-layer BERT with bottleneck adapters and turn-over on adapters and classifier."""
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+        vocab_size=VOCAB, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        **TINY_BERT,
+    )  # fmt: skip
     model = BertForSequenceClassification(config)
     if adapter_config is not None:
         adapters.init(model)
-        model.add_adapter("task", config=adapter_config)
-        model.train_adapter("task")
-        # Adapters start near the identity; random up-projections make masks visible in the outputs.
-        for name, param in model.named_parameters():
-            if "adapter_up" in name:
-                nn.init.normal_(param, std=0.5)
+        add_task_adapter(model, adapter_config)
     if turnover is not False:
         add_turnover(model, turnover or TurnoverConfig())
     return model
+
+
+def tiny_training_args(output_dir, **kwargs) -> TurnoverTrainingArguments:
+    """Quick CPU training arguments: batches of 4, one epoch, lr 1e-2, no checkpoints, logs or trackers."""
+    defaults = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=4, per_device_eval_batch_size=4,
+        num_train_epochs=1, learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+        logging_strategy="no", seed=0, dataloader_num_workers=0,
+    )  # fmt: skip
+    return TurnoverTrainingArguments(**{**defaults, **kwargs})
 
 
 def make_token_dataset(

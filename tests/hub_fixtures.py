@@ -13,10 +13,11 @@ from pathlib import Path
 
 import datasets
 import torch
-from torch import nn
-from transformers import BertTokenizerFast
+from conftest import TINY_BERT, add_task_adapter, tiny_training_args
+from transformers import BertTokenizerFast, DataCollatorWithPadding
 
-from hf_turnover import TurnoverConfig, TurnoverTrainer, TurnoverTrainingArguments, add_turnover
+from hf_turnover import TurnoverConfig, TurnoverTrainer, add_turnover
+from hf_turnover.hub import save_turnover_model
 from hf_turnover.modeling_turnover import TurnoverBertConfig, TurnoverBertForSequenceClassification
 
 WORDS = [f"w{i}" for i in range(40)]
@@ -61,24 +62,13 @@ def make_model(
     """``adapter_config``: an ``adapters`` config or a function of the model config (default Houlsby)."""
     torch.manual_seed(seed)
     config = TurnoverBertConfig(
-        vocab_size=len(SPECIAL) + len(WORDS),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=2,
-        id2label=LABELS,
-        label2id={v: k for k, v in LABELS.items()},
-    )
+        vocab_size=len(SPECIAL) + len(WORDS), max_position_embeddings=32, id2label=LABELS,
+        label2id={v: k for k, v in LABELS.items()}, **TINY_BERT,
+    )  # fmt: skip
     model = TurnoverBertForSequenceClassification(config)
     if callable(adapter_config):
         adapter_config = adapter_config(config)
-    model.add_adapter("task", config=adapter_config or "double_seq_bn")
-    model.train_adapter("task")
-    for name, param in model.named_parameters():
-        if "adapter_up" in name:  # adapters start near the identity; make the masks visible in the outputs
-            nn.init.normal_(param, std=0.5)
+    add_task_adapter(model, adapter_config or "double_seq_bn")
     model.config.turnover_active_adapters = ["task"]
     return add_turnover(model, turnover or TurnoverConfig())
 
@@ -89,23 +79,18 @@ def make_trained(tmp_path: Path, n: int = 24, adapter_config=None):
     train = make_texts(n, seed=1).map(lambda row, i: {"instance_id": 1000 + i}, with_indices=True)
     tokenized = train.map(lambda row: tokenizer(row["sentence"]))
     model = make_model(adapter_config=adapter_config)
-    args = TurnoverTrainingArguments(
-        output_dir=str(tmp_path / "trainer"),
-        per_device_train_batch_size=8,
-        num_train_epochs=1,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_strategy="no",
-        seed=0,
-    )
-    from transformers import DataCollatorWithPadding
-
-    TurnoverTrainer(
-        model, args, train_dataset=tokenized, data_collator=DataCollatorWithPadding(tokenizer)
-    ).train()
+    args = tiny_training_args(tmp_path / "trainer", per_device_train_batch_size=8)
+    collator = DataCollatorWithPadding(tokenizer)
+    TurnoverTrainer(model, args, train_dataset=tokenized, data_collator=collator).train()
     model.eval()
+    return model, tokenizer, train
+
+
+def make_saved(tmp_path: Path, card: dict | None = None, **kwargs):
+    """:func:`make_trained` (``kwargs`` go to it), saved Hub-ready with its card to ``tmp_path / "model"``:
+    (model, tokenizer, train)."""
+    model, tokenizer, train = make_trained(tmp_path, **kwargs)
+    save_turnover_model(model, tmp_path / "model", tokenizer=tokenizer, train_dataset=train, card=card)
     return model, tokenizer, train
 
 

@@ -3,8 +3,8 @@
 import datasets
 import pytest
 import torch
-from conftest import make_tiny_bert, make_token_dataset
-from test_trainer import _args, _TorchRows
+from conftest import make_tiny_bert, make_token_dataset, tiny_training_args
+from test_trainer import _TorchRows
 
 from hf_turnover import (
     TurnoverConfig,
@@ -105,37 +105,43 @@ def test_adapter_composition_that_replicates_the_batch():
 
 def test_trainer_needs_turnover_layers(tmp_path):
     with pytest.raises(ValueError, match="has no turn-over layers.*add_turnover"):
-        TurnoverTrainer(make_tiny_bert(turnover=False), _args(tmp_path), train_dataset=make_token_dataset(4))
+        TurnoverTrainer(
+            make_tiny_bert(turnover=False), tiny_training_args(tmp_path), train_dataset=make_token_dataset(4)
+        )
 
 
 def test_torch_dataset_without_ids(tmp_path):
     with pytest.raises(ValueError, match=r"train_dataset has no 'instance_id' column.*with_indices=True"):
-        TurnoverTrainer(make_tiny_bert(), _args(tmp_path), train_dataset=_TorchRows(4, with_ids=False))
+        TurnoverTrainer(
+            make_tiny_bert(), tiny_training_args(tmp_path), train_dataset=_TorchRows(4, with_ids=False)
+        )
 
 
 def test_no_row_ids_added_when_disabled(tmp_path):
-    args = _args(tmp_path, turnover_add_row_ids=False)
+    args = tiny_training_args(tmp_path, turnover_add_row_ids=False)
     with pytest.raises(ValueError, match="train_dataset has no 'instance_id' column"):
         TurnoverTrainer(make_tiny_bert(), args, train_dataset=make_token_dataset(4, with_ids=False))
 
 
 def test_float_id_column(tmp_path):
     data = make_token_dataset(4).cast_column("instance_id", datasets.Value("float64"))
-    trainer = TurnoverTrainer(make_tiny_bert(), _args(tmp_path), train_dataset=data)
+    trainer = TurnoverTrainer(make_tiny_bert(), tiny_training_args(tmp_path), train_dataset=data)
     with pytest.raises(TypeError, match=r"Column 'instance_id' must hold integers, got 100.0.*cast_column"):
         trainer.train()
 
 
 def test_negative_id_column(tmp_path):
     data = make_token_dataset(4).map(lambda row, i: {"instance_id": -i}, with_indices=True)
-    trainer = TurnoverTrainer(make_tiny_bert(), _args(tmp_path), train_dataset=data)
+    trainer = TurnoverTrainer(make_tiny_bert(), tiny_training_args(tmp_path), train_dataset=data)
     with pytest.raises(ValueError, match=r"instance_id must lie in \[0, 2\*\*62\), got -[1-3]"):
         trainer.train()
 
 
 def test_eval_with_masks_needs_ids(tmp_path):
     trainer = TurnoverTrainer(
-        make_tiny_bert(), _args(tmp_path, turnover_eval_mode="own"), train_dataset=make_token_dataset(4)
+        make_tiny_bert(),
+        tiny_training_args(tmp_path, turnover_eval_mode="own"),
+        train_dataset=make_token_dataset(4),
     )
     with pytest.raises(ValueError, match="this batch has no 'instance_id' column"):
         trainer.evaluate(make_token_dataset(4, with_ids=False))

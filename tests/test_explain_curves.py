@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_tiny_bert, make_token_dataset
-from test_trainer import _args
+from conftest import make_tiny_bert, make_token_dataset, tiny_training_args
 
 from hf_turnover import (
     LearningCurveCallback,
@@ -23,7 +22,7 @@ def trained(tmp_path_factory):
     callback = LearningCurveCallback(
         train.select(range(8)), eval_dataset=make_token_dataset(6), every_n_steps=2
     )
-    args = _args(tmp_path_factory.mktemp("run"), num_train_epochs=2)
+    args = tiny_training_args(tmp_path_factory.mktemp("run"), num_train_epochs=2)
     trainer = TurnoverTrainer(model, args, train_dataset=train, callbacks=[callback])
     trainer.train()
     return model, train, trainer

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_fixtures import fresh_env, make_model, make_trained, run_fresh
+from hub_fixtures import fresh_env, make_model, make_saved, run_fresh
 from safetensors.torch import load_file
 from transformers.dynamic_module_utils import get_relative_import_files, get_relative_imports
 
@@ -87,10 +87,7 @@ print(json.dumps({"modules": [c.__module__ for c in type(model).__mro__]}))
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hub_model")
-    model, tokenizer, train = make_trained(tmp)
-    save_turnover_model(
-        model, tmp / "model", tokenizer=tokenizer, train_dataset=train, card={"accuracy": 0.5}
-    )
+    model, tokenizer, train = make_saved(tmp, card={"accuracy": 0.5})
     return model, tokenizer, train, tmp
 
 
@@ -98,8 +95,7 @@ def saved(tmp_path_factory):
 def saved_wide(tmp_path_factory):
     """The recommended wide set-up: one 70-unit seq_bn adapter in the top layer only."""
     tmp = tmp_path_factory.mktemp("hub_model_wide")
-    model, tokenizer, train = make_trained(tmp, adapter_config=lambda c: wide_adapter_config(c, width=70))
-    save_turnover_model(model, tmp / "model", tokenizer=tokenizer, train_dataset=train)
+    model, tokenizer, train = make_saved(tmp, adapter_config=lambda c: wide_adapter_config(c, width=70))
     return model, tokenizer, train, tmp
 
 
@@ -314,7 +310,8 @@ def test_card_is_written_inside_the_atomic_save_and_never_a_backbone_card(saved,
 def test_adapter_only_checkpoint_loads_on_its_pinned_backbone(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    from hf_turnover.modeling_turnover import adapter_and_head_state, file_sha256
+    from hf_turnover.default_model import save_adapter_only
+    from hf_turnover.modeling_turnover import file_sha256
 
     model = make_model().eval()
     package = tmp_path / "site" / "tiny_backbone"
@@ -331,11 +328,8 @@ def test_adapter_only_checkpoint_loads_on_its_pinned_backbone(tmp_path, monkeypa
         "path": "model",
         "sha256": file_sha256(package / "model" / "model.safetensors"),
     }
-    model.config.turnover_base_model = reference
-    model.config.adapters = model.adapters_config.to_dict()
+    save_adapter_only(model, tmp_path / "adapter_only", reference)
     model.config.save_pretrained(package / "model")  # the backbone folder needs a config too
-    model.config.save_pretrained(tmp_path / "adapter_only")
-    save_file(adapter_and_head_state(model), str(tmp_path / "adapter_only" / "model.safetensors"))
     loaded = TurnoverBertForSequenceClassification.from_pretrained(tmp_path / "adapter_only").eval()
     batch = {"input_ids": torch.tensor([[2, 7, 9, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     state = model.state_dict()
@@ -348,9 +342,7 @@ def test_adapter_only_checkpoint_loads_on_its_pinned_backbone(tmp_path, monkeypa
         tmp_path / "adapter_only", output_hidden_states=True
     )  # config overrides reach the config, as with any from_pretrained
     assert overridden.config.output_hidden_states
-    reference_changed = {**reference, "sha256": "0" * 64}
-    model.config.turnover_base_model = reference_changed
-    model.config.save_pretrained(tmp_path / "adapter_only")
+    save_adapter_only(model, tmp_path / "adapter_only", {**reference, "sha256": "0" * 64})
     with pytest.raises(ValueError, match="not the ones this checkpoint was trained on"):
         TurnoverBertForSequenceClassification.from_pretrained(tmp_path / "adapter_only")
 

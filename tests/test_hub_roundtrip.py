@@ -12,7 +12,7 @@ import os
 import uuid
 
 import pytest
-from hub_fixtures import make_trained, run_fresh
+from hub_fixtures import make_saved, run_fresh
 
 try:
     from tests.hub_double import DEFAULT_TOKEN, HubDouble
@@ -20,7 +20,6 @@ except ImportError:  # pytest put tests/ itself on sys.path
     from hub_double import DEFAULT_TOKEN, HubDouble  # type: ignore[no-redef]
 
 from hf_turnover import estimate_influence, save_scores
-from hf_turnover.hub import save_turnover_model
 from hf_turnover.pipeline_turnover import InfluencePipeline
 
 TEXTS = ["w1 w2 w3", "w12 w14 w16 w2"]
@@ -85,8 +84,7 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("roundtrip")
-    model, tokenizer, train = make_trained(tmp)
-    save_turnover_model(model, tmp / "model", tokenizer=tokenizer, train_dataset=train)
+    model, tokenizer, train = make_saved(tmp)
     pipe = InfluencePipeline(model=model, tokenizer=tokenizer, train_dataset=train)
     target = {**dict(tokenizer(TEXTS[1])), "label": 1}
     scores = estimate_influence(model, train, [target], progress=False)

@@ -271,13 +271,13 @@ def test_errors(setup):
 
 
 def test_trainer_records_fingerprint_and_scoring_refuses_another_set(tmp_path, setup):
-    from test_trainer import _args
+    from conftest import tiny_training_args
 
     from hf_turnover import TurnoverTrainer
 
     train, targets = setup
     model = make_tiny_bert()
-    TurnoverTrainer(model, _args(tmp_path), train_dataset=train).train()
+    TurnoverTrainer(model, tiny_training_args(tmp_path), train_dataset=train).train()
     assert model.config.turnover_training["num_instances"] == 24
     estimate_influence(
         model, train.shuffle(seed=0), targets.select([0]), progress=False

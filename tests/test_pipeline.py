@@ -8,12 +8,12 @@ import shutil
 
 import datasets
 import pytest
-from hub_fixtures import fresh_env, make_model, make_trained, run_fresh
+from hub_fixtures import fresh_env, make_model, make_saved, run_fresh
 from transformers import pipeline
 
 from hf_turnover import estimate_influence
 from hf_turnover.default_model import DEFAULT_MODEL_DIR
-from hf_turnover.hub import register_with_transformers, save_turnover_model
+from hf_turnover.hub import register_with_transformers
 from hf_turnover.modeling_turnover import TurnoverBertForSequenceClassification
 from hf_turnover.pipeline_turnover import TASK, InfluencePipeline
 
@@ -45,8 +45,7 @@ def assert_close(a, b, tol=1e-6):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
-    model, tokenizer, train = make_trained(tmp)
-    save_turnover_model(model, tmp / "model", tokenizer=tokenizer, train_dataset=train)
+    model, tokenizer, train = make_saved(tmp)
     pipe = InfluencePipeline(model=model, tokenizer=tokenizer, train_dataset=train)
     return pipe, train, tmp
 

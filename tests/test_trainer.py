@@ -2,32 +2,14 @@
 
 import pytest
 import torch
-from conftest import VOCAB, make_tiny_bert, make_token_dataset
+from conftest import VOCAB, make_tiny_bert, make_token_dataset, tiny_training_args
 from transformers import BertTokenizerFast, DataCollatorWithPadding, default_data_collator
 
-from hf_turnover import TurnoverConfig, TurnoverTrainer, TurnoverTrainingArguments
+from hf_turnover import TurnoverConfig, TurnoverTrainer
 from hf_turnover.context import current_state
 from hf_turnover.masks import keep_bits
 
 SPY_LAYER = "bert.encoder.layer.0.output.adapters.task.adapter_down"
-
-
-def _args(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        num_train_epochs=1,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_strategy="no",
-        seed=0,
-        dataloader_num_workers=0,
-    )
-    defaults.update(kwargs)
-    return TurnoverTrainingArguments(**defaults)
 
 
 def _spy(model, name=SPY_LAYER):
@@ -59,7 +41,9 @@ def test_trains_with_ids_and_eval_runs_full(tmp_path):
     model = make_tiny_bert("double_seq_bn")
     calls = _spy(model)
     train = make_token_dataset(12)
-    trainer = TurnoverTrainer(model, _args(tmp_path), train_dataset=train, eval_dataset=make_token_dataset(4))
+    trainer = TurnoverTrainer(
+        model, tiny_training_args(tmp_path), train_dataset=train, eval_dataset=make_token_dataset(4)
+    )
     before = model.get_parameter(SPY_LAYER + ".0.weight").detach().clone()
     trainer.train()
     assert _train_ids(calls) == sorted(train["instance_id"])
@@ -74,7 +58,9 @@ def test_evaluate_and_predict_with_masks(tmp_path, eval_mode):
     model = make_tiny_bert()
     calls = _spy(model)
     data = make_token_dataset(6)
-    trainer = TurnoverTrainer(model, _args(tmp_path, turnover_eval_mode=eval_mode), train_dataset=data)
+    trainer = TurnoverTrainer(
+        model, tiny_training_args(tmp_path, turnover_eval_mode=eval_mode), train_dataset=data
+    )
     trainer.evaluate(data)
     assert {m for m, _ in calls} == {eval_mode} and sorted(i for _, ids in calls for i in ids) == data[
         "instance_id"
@@ -104,7 +90,7 @@ def test_padding_collator_and_column_pruning(tmp_path):
     calls = _spy(model)
     trainer = TurnoverTrainer(
         model,
-        _args(tmp_path),
+        tiny_training_args(tmp_path),
         train_dataset=data,
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
@@ -134,7 +120,7 @@ def test_torch_dataset_through_remove_columns_collator(tmp_path):
     model = make_tiny_bert()
     calls = _spy(model)
     trainer = TurnoverTrainer(
-        model, _args(tmp_path), train_dataset=_TorchRows(8), data_collator=default_data_collator
+        model, tiny_training_args(tmp_path), train_dataset=_TorchRows(8), data_collator=default_data_collator
     )
     trainer.train()
     assert _train_ids(calls) == list(range(1000, 1008))
@@ -143,7 +129,7 @@ def test_torch_dataset_through_remove_columns_collator(tmp_path):
 def test_gradient_accumulation_sees_every_id(tmp_path):
     model = make_tiny_bert()
     calls = _spy(model)
-    args = _args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=3)
+    args = tiny_training_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=3)
     TurnoverTrainer(model, args, train_dataset=make_token_dataset(12)).train()
     assert _train_ids(calls) == list(range(100, 112))
     assert all(len(ids) == 2 for mode, ids in calls if mode == "own")
@@ -155,7 +141,7 @@ def test_resume_from_checkpoint_gives_identical_training(tmp_path):
     def run(output, **kwargs):
         model = make_tiny_bert()
         calls = _spy(model)
-        args = _args(
+        args = tiny_training_args(
             output,
             num_train_epochs=2,
             save_strategy="steps",
@@ -181,7 +167,10 @@ def test_resume_from_checkpoint_gives_identical_training(tmp_path):
 def test_turnover_config_argument_patches_the_model(tmp_path):
     model = make_tiny_bert(turnover=False)
     trainer = TurnoverTrainer(
-        model, _args(tmp_path), train_dataset=make_token_dataset(4), turnover_config=TurnoverConfig(p=0.25)
+        model,
+        tiny_training_args(tmp_path),
+        train_dataset=make_token_dataset(4),
+        turnover_config=TurnoverConfig(p=0.25),
     )
     assert trainer.turnover_config.p == 0.25
     trainer.train()
@@ -195,7 +184,7 @@ def test_turnover_config_argument_patches_the_model(tmp_path):
 def test_mixed_precision_and_gradient_checkpointing(tmp_path, extra):
     model = make_tiny_bert()
     calls = _spy(model)  # checks every masked row against its own id, in bf16 too
-    TurnoverTrainer(model, _args(tmp_path, **extra), train_dataset=make_token_dataset(8)).train()
+    TurnoverTrainer(model, tiny_training_args(tmp_path, **extra), train_dataset=make_token_dataset(8)).train()
     own = [ids for mode, ids in calls if mode == "own"]
     # Checkpointing re-runs each forward during backward: the recomputation sees the same ids and masks.
     repeats = 2 if "gradient_checkpointing" in extra else 1
