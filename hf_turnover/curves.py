@@ -63,5 +63,5 @@ def _mean_loss(scorer: TurnoverScorer, data: datasets.Dataset, id_column: str | 
             if id_column
             else torch.zeros(len(rows), dtype=torch.long)
         )
-        total += scorer.row_losses(inputs, y, ids, mode).sum().item()
+        total += scorer.losses(inputs, y, ids, mode, broadcast=False).sum().item()
     return total / len(data)

@@ -15,7 +15,6 @@ Re-create it from a recipe run::
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import shutil
 from pathlib import Path
@@ -32,7 +31,7 @@ from .modeling_turnover import (
     adapter_and_head_state,
     file_sha256,
 )
-from .training_set import load_training_set, select_ids, write_reference
+from .training_set import load_training_set, package_dir, select_ids, write_reference
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "resources" / "default_model"
 BACKBONE = {
@@ -69,20 +68,14 @@ def export_default_model(
     model = TurnoverBertForSequenceClassification.from_pretrained(model_dir)
     recorded = model.config.turnover_training
     train = load_training_set(model_dir, recorded)
-    backbone_dir = _package_dir(backbone["package"]) / backbone["path"]
+    backbone_dir = package_dir(backbone["package"]) / backbone["path"]
     _require_same_backbone(model, backbone_dir / WEIGHTS_NAME)
     id_column = model.turnover_config.id_column
     bundled = select_ids(_bundled_table(training_data), train[id_column], id_column)
     check_fingerprint(recorded, bundled, f"the bundled rows {training_data['path']}")
     with atomic_directory(destination) as tmp:
-        config = model.config
-        config.turnover_base_model = {**backbone, "sha256": file_sha256(backbone_dir / WEIGHTS_NAME)}
-        config.adapters = model.adapters_config.to_dict()
-        for key in ("auto_map", "custom_pipelines"):  # installed code only: nothing to trust remotely
-            config.__dict__.pop(key, None)
-        config.save_pretrained(tmp)
-        with atomic_path(tmp / WEIGHTS_NAME) as weights:
-            save_file(adapter_and_head_state(model), str(weights), metadata={"format": "pt"})
+        base_model = {**backbone, "sha256": file_sha256(backbone_dir / WEIGHTS_NAME)}
+        save_adapter_only(model, tmp, base_model)
         reference = {"kind": "package", **training_data, "instance_ids": [int(i) for i in train[id_column]]}
         write_reference(tmp, reference, recorded)
         card = Path(model_dir) / "README.md"
@@ -91,14 +84,27 @@ def export_default_model(
     return Path(destination)
 
 
-def _package_dir(package: str) -> Path:
-    return Path(importlib.import_module(package).__file__).resolve().parent
+def save_adapter_only(
+    model: torch.nn.Module, directory: str | os.PathLike, base_model: dict[str, Any]
+) -> Path:
+    """Write an adapter-only checkpoint of ``model`` to ``directory``: its config (with the adapter set-up and
+    ``turnover_base_model``, the backbone it loads on: ``package``/``path`` or ``hub_id``, and ``sha256``) and
+    the adapter and head weights. Installed code only: no ``auto_map`` (nothing to trust remotely)."""
+    config = model.config
+    config.turnover_base_model = base_model
+    config.adapters = model.adapters_config.to_dict()
+    for key in ("auto_map", "custom_pipelines"):
+        config.__dict__.pop(key, None)
+    config.save_pretrained(directory)
+    with atomic_path(Path(directory) / WEIGHTS_NAME) as weights:
+        save_file(adapter_and_head_state(model), str(weights), metadata={"format": "pt"})
+    return Path(directory)
 
 
 def _bundled_table(training_data: dict[str, Any]):
     import datasets
 
-    return datasets.Dataset.from_parquet(str(_package_dir(training_data["package"]) / training_data["path"]))
+    return datasets.Dataset.from_parquet(str(package_dir(training_data["package"]) / training_data["path"]))
 
 
 def _require_same_backbone(model: torch.nn.Module, weights: Path) -> None:

@@ -13,8 +13,7 @@ from .influence import predict, training_ids
 from .inputs import label_column, model_input_names, python_format, to_batch
 from .linear import LinearScorer, make_scorer
 from .scorer import TurnoverScorer
-
-TEXT_COLUMNS = ("sentence", "text")
+from .training_set import TEXT_COLUMNS
 
 
 def explain_prediction(

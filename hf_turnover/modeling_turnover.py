@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import logging as std_logging
 import os
 from collections.abc import Iterator
@@ -51,6 +50,7 @@ from .model import add_turnover
 from .results import scores_dataset  # noqa: F401
 from .reuse import tail_entry  # noqa: F401
 from .scorer import TurnoverScorer  # noqa: F401
+from .training_set import package_dir
 
 logger = logging.get_logger(__name__)
 
@@ -258,7 +258,7 @@ def resolve_base_model(reference: dict[str, Any]) -> str:
     package = reference.get("package")
     if package:
         try:
-            root = Path(importlib.import_module(package).__file__).parent
+            root = package_dir(package)
         except ImportError:
             root = None
         if root is not None:

@@ -86,22 +86,27 @@ class TurnoverScorer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def losses(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, ids: torch.Tensor, mode: str):
-        """Per-row losses ``(len(ids),)``; ``inputs`` hold one row that broadcasts against the ids' masks."""
-        with turnover_context(ids, mode, broadcast=True), self._autocast():
-            loss = self.loss_fn(logits_of(self.forward_fn(self.model, inputs)), labels)
-        return loss.expand(len(ids)) if loss.numel() == 1 else loss
+    def losses(
+        self,
+        inputs: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        ids: torch.Tensor,
+        mode: str = "own",
+        *,
+        broadcast: bool = True,
+        paired: bool = False,
+    ) -> torch.Tensor:
+        """Per-row losses under the ``mode`` masks of ``ids``.
 
-    def paired_losses(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, ids: torch.Tensor):
-        """Own and flipped losses ``(2, len(ids))`` from one forward of ``2 * len(ids)`` rows."""
-        with turnover_context(ids, "own", broadcast=True, paired=True), self._autocast():
+        ``broadcast``: ``inputs`` hold one row that runs under every id's mask, ``(len(ids),)``; with ``paired``,
+        own and flipped losses ``(2, len(ids))`` from one forward of ``2 * len(ids)`` rows. Without
+        ``broadcast``, row ``r`` of ``inputs`` is the instance ``ids[r]`` (self-influence), ``(len(ids),)``.
+        """
+        with turnover_context(ids, mode, broadcast=broadcast, paired=paired), self._autocast():
             loss = self.loss_fn(logits_of(self.forward_fn(self.model, inputs)), labels)
-        return (loss.expand(2 * len(ids)) if loss.numel() == 1 else loss).view(2, len(ids))
-
-    def row_losses(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, ids: torch.Tensor, mode: str):
-        """Per-row losses of a batch whose row ``r`` is the instance ``ids[r]`` (self-influence)."""
-        with turnover_context(ids, mode), self._autocast():
-            return self.loss_fn(logits_of(self.forward_fn(self.model, inputs)), labels)
+        rows = (2 if paired else 1) * len(ids)
+        loss = loss.expand(rows) if loss.numel() == 1 else loss
+        return loss.view(2, len(ids)) if paired else loss
 
     @torch.inference_mode()
     def score(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -140,7 +145,7 @@ class TurnoverScorer:
 
     def _chunk(self, inputs, labels, chunk: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
         if base is None:  # own and flip in one forward: the hash and the prefix run once
-            own, flip = self.paired_losses(inputs, labels, chunk)
+            own, flip = self.losses(inputs, labels, chunk, paired=True)
         else:
             own, flip = base, self.losses(inputs, labels, chunk, "flip")
         return (flip - own).float()
@@ -179,16 +184,16 @@ class TurnoverScorer:
         with ExitStack() as stack:
             self._enter_fast_paths(stack, inputs)
             if not self.reuse_prefix:
-                other = self.row_losses(inputs, labels, ids, other_mode)
-                flip = self.row_losses(inputs, labels, ids, "flip")
+                other = self.losses(inputs, labels, ids, other_mode, broadcast=False)
+                flip = self.losses(inputs, labels, ids, "flip", broadcast=False)
                 return (flip - other).float().cpu()
             prefix = PrefixCache(self.model, list(turnover_layers(self.model)))
             with prefix.record():
-                other = self.row_losses(inputs, labels, ids, other_mode)
+                other = self.losses(inputs, labels, ids, other_mode, broadcast=False)
             with prefix.replay():
-                flip = self.row_losses(inputs, labels, ids, "flip")
+                flip = self.losses(inputs, labels, ids, "flip", broadcast=False)
             if not self._prefix_checked:
-                computed = self.row_losses(inputs, labels, ids, "flip")
+                computed = self.losses(inputs, labels, ids, "flip", broadcast=False)
                 if not self._replay_matches(flip, computed):
                     flip = computed
         return (flip - other).float().cpu()

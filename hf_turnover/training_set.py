@@ -103,10 +103,14 @@ def _resolve(info: dict[str, Any], name_or_path: str | os.PathLike, hub_kwargs: 
             )
         return datasets.Dataset.from_parquet(path)
     if kind == "package":
-        root = Path(importlib.import_module(info["package"]).__file__).parent
-        table = datasets.Dataset.from_parquet(str(root / info["path"]))
+        table = datasets.Dataset.from_parquet(str(package_dir(info["package"]) / info["path"]))
         return select_ids(table, info["instance_ids"], info["fingerprint"]["columns"][0])
     raise ValueError(f"{INFO_FILE} of {name_or_path} has an unknown kind {kind!r}; upgrade hf_turnover.")
+
+
+def package_dir(package: str) -> Path:
+    """The folder of the installed package ``package`` (where bundled data and backbones are found)."""
+    return Path(importlib.import_module(package).__file__).resolve().parent
 
 
 def select_ids(table: datasets.Dataset, instance_ids: list[int], id_column: str) -> datasets.Dataset:
