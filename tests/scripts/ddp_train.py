@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for conftest helpers
 
-from conftest import make_tiny_bert, make_token_dataset  # noqa: E402
-from test_trainer import _args, _spy, _train_ids  # noqa: E402
+from conftest import make_tiny_bert, make_token_dataset, tiny_training_args  # noqa: E402
+from test_trainer import _spy, _train_ids  # noqa: E402
 
 from hf_turnover import TurnoverTrainer  # noqa: E402
 
@@ -20,7 +20,9 @@ def main(out: Path) -> None:
     model = make_tiny_bert()
     calls = _spy(model)
     trainer = TurnoverTrainer(
-        model, _args(out / "run", per_device_train_batch_size=2), train_dataset=make_token_dataset(16)
+        model,
+        tiny_training_args(out / "run", per_device_train_batch_size=2),
+        train_dataset=make_token_dataset(16),
     )
     trainer.train()
     rank = trainer.args.process_index
