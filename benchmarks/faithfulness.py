@@ -19,24 +19,20 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from faithfulness_lib import ours, peers, report
+from faithfulness_lib.cost import measure
+from faithfulness_lib.pairwise import peer_methods, self_influence_methods, turnover_methods
+from faithfulness_lib.retrain import accuracy, loo_truth, subset_losses, train_seeds
+from faithfulness_lib.setups import Setup, flip_labels, mnist_setup, scratch_dir, text_setup
 from transformers import HfArgumentParser
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from faithfulness import ours, peers, report  # noqa: E402
-from faithfulness.cost import measure  # noqa: E402
-from faithfulness.pairwise import peer_methods, self_influence_methods, turnover_methods  # noqa: E402
-from faithfulness.retrain import accuracy, loo_truth, subset_losses, train_seeds  # noqa: E402
-from faithfulness.setups import Setup, flip_labels, mnist_setup, scratch_dir, text_setup  # noqa: E402
-
-from hf_turnover.atomic import atomic_write_text  # noqa: E402
-from hf_turnover.evaluation import random_half_subsets  # noqa: E402
+from hf_turnover.atomic import atomic_write_text
+from hf_turnover.evaluation import random_half_subsets
 
 SMOKE = {"num_train": 96, "num_targets": 3, "num_loo": 6, "num_subsets": 6, "truth_seeds": 2, "ensemble_size": 3,
          "num_null": 96, "epochs": 1, "mnist_source": "sklearn", "widths": "16"}  # fmt: skip

@@ -11,7 +11,7 @@ Smoke run (< 90 s; what tests/test_minilm_lds.py runs):
 
 MiniLM runs once per sentence to cache the frozen [CLS] inputs of its top layer's output module; the real tail
 modules (that module with its wide ``seq_bn`` adapter, the pooler, the classifier), carrying the library's turn-over
-hooks, are then trained on the cache (see ``faithfulness/minilm.py``). For each adapter width: lr and epochs are
+hooks, are then trained on the cache (see ``faithfulness_lib/minilm.py``). For each adapter width: lr and epochs are
 picked by validation-split accuracy; the reference model is trained on N sentences; ``num_subsets`` random halves
 are retrained from the same initial parameters, minibatch sequence and masks; turn-over scores (exact own-vs-flip
 and linear, through ``hf_turnover.estimate_influence``) are scored by LDS against them. At the main width the peers
@@ -32,17 +32,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from faithfulness_lib import minilm as M
+from faithfulness_lib.cost import measure
+from faithfulness_lib.report import lds, mean_spearman, save_figure, spearman_standard_error
 from transformers import AutoTokenizer, HfArgumentParser
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from faithfulness import minilm as M  # noqa: E402
-from faithfulness.cost import measure  # noqa: E402
-from faithfulness.report import lds, mean_spearman, save_figure, spearman_standard_error  # noqa: E402
-
-from hf_turnover import TurnoverConfig, turnover_context  # noqa: E402
-from hf_turnover.atomic import atomic_write_text  # noqa: E402
-from hf_turnover.evaluation import random_half_subsets  # noqa: E402
+from hf_turnover import TurnoverConfig, turnover_context
+from hf_turnover.atomic import atomic_write_text
+from hf_turnover.evaluation import random_half_subsets
 
 SMOKE = {"num_train": 64, "num_targets": 3, "num_val": 64, "num_subsets": 4, "widths": "32", "main_width": 32,
          "lrs": "1e-3", "max_epochs": 1, "ensemble_size": 2, "cache_to_disk": False}  # fmt: skip

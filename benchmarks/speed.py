@@ -52,17 +52,10 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from tqdm.auto import tqdm
-from transformers import HfArgumentParser
-
-from hf_turnover.atomic import atomic_write_text
-from hf_turnover.scorer import TurnoverScorer
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from speed_baselines import CaptumTracIn, naive_scores, reference_scores  # noqa: E402
-from speed_memory import mask_generation, run_child  # noqa: E402
-from speed_report import report, targets  # noqa: E402
-from speed_setup import (  # noqa: E402
+from speed_baselines import CaptumTracIn, naive_scores, reference_scores
+from speed_memory import mask_generation, run_child
+from speed_report import report, targets
+from speed_setup import (
     CASES,
     Setup,
     build_setup,
@@ -74,6 +67,11 @@ from speed_setup import (  # noqa: E402
     median,
     rate,
 )
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser
+
+from hf_turnover.atomic import atomic_write_text
+from hf_turnover.scorer import TurnoverScorer
 
 
 @dataclass

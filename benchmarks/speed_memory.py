@@ -93,7 +93,9 @@ def run_child(spec: dict, timeout_s: float = 3600) -> dict:
     here = os.path.dirname(os.path.abspath(__file__))
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join(
+            [os.path.dirname(here), os.environ.get("PYTHONPATH", "")]
+        ),  # hf_turnover
         # glibc: tensors over 64 KiB get their own mapping and freed memory goes back at once, so the resident
         # set follows live allocations instead of what the allocator keeps cached.
         "MALLOC_MMAP_THRESHOLD_": "65536",

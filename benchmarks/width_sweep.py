@@ -38,15 +38,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from faithfulness_lib import report
+from faithfulness_lib.sweep import Cell, Limits, RefJob, cell_dict, cell_setup, halves_jobs, run_jobs
 from transformers import HfArgumentParser
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from faithfulness import report  # noqa: E402
-from faithfulness.sweep import Cell, Limits, RefJob, cell_dict, cell_setup, halves_jobs, run_jobs  # noqa: E402
-
-from hf_turnover.atomic import atomic_path, atomic_write_text  # noqa: E402
-from hf_turnover.evaluation import random_half_subsets  # noqa: E402
+from hf_turnover.atomic import atomic_path, atomic_write_text
+from hf_turnover.evaluation import random_half_subsets
 
 SMOKE = {"data": "digits", "n_data": "digits", "num_train": 96, "widths": "16,64", "num_subsets": 4, "num_targets": 3,
          "seeds": 3, "epochs": 2, "n_values": "64,128", "n_widths": "16", "n_epochs": 2, "p_values": "0.25",

@@ -27,7 +27,7 @@ from hf_turnover.variants import average_scores, ensemble_influence
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-from faithfulness.batched import own_masks, train_stack, turnover_config  # noqa: E402
+from faithfulness_lib.batched import own_masks, train_stack, turnover_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-from faithfulness import peers  # noqa: E402
-from faithfulness.batched import init_stack  # noqa: E402
-from faithfulness.sweep import factorized_grad_dot  # noqa: E402
+from faithfulness_lib import peers  # noqa: E402
+from faithfulness_lib.batched import init_stack  # noqa: E402
+from faithfulness_lib.sweep import factorized_grad_dot  # noqa: E402
 
 
 def _load_driver():
