@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,20 +61,31 @@ def load_scores(path: str | os.PathLike) -> datasets.Dataset:
     return datasets.Dataset(table, info=datasets.DatasetInfo(description=description))
 
 
+def same_arguments(
+    results: Sequence[datasets.Dataset], compared: Callable[[dict], dict], why: str = ""
+) -> list[dict[str, Any]]:
+    """The arguments of every result; raises unless ``compared(arguments)`` is the same for all of them."""
+    arguments = [score_arguments(r) for r in results]
+    reference = compared(arguments[0])
+    for index, args in enumerate(arguments[1:], start=1):
+        other = compared(args)
+        if other != reference:
+            diff = sorted(k for k in set(reference) | set(other) if reference.get(k) != other.get(k))
+            raise ValueError(
+                f"Result {index} was made with different arguments than result 0 (differing: {diff}){why}."
+            )
+    return arguments
+
+
 def combine_scores(results: list[datasets.Dataset]) -> datasets.Dataset:
     """Concatenate results (e.g. scored on several machines); refuse results made with different arguments."""
     if not results:
         raise ValueError("combine_scores needs at least one result.")
-    arguments = [score_arguments(r) for r in results]
-    reference = {k: v for k, v in arguments[0].items() if k not in _MERGEABLE}
-    for index, args in enumerate(arguments[1:], start=1):
-        other = {k: v for k, v in args.items() if k not in _MERGEABLE}
-        if other != reference:
-            diff = sorted(k for k in set(reference) | set(other) if reference.get(k) != other.get(k))
-            raise ValueError(
-                f"Result {index} was made with different arguments than result 0 (differing: {diff}); "
-                "influence scores made with different settings cannot be combined."
-            )
+    same_arguments(
+        results,
+        lambda args: {k: v for k, v in args.items() if k not in _MERGEABLE},
+        "; influence scores made with different settings cannot be combined",
+    )
     combined = datasets.concatenate_datasets(results)
     combined.info.description = results[0].info.description
     return combined

@@ -20,7 +20,7 @@ import numpy as np
 from torch import nn
 
 from .influence import Targets, estimate_influence
-from .results import score_arguments, scores_dataset
+from .results import same_arguments, score_arguments, scores_dataset
 
 # Arguments that legitimately differ between the models of an ensemble (plus the mask seed).
 _PER_MODEL = ("training_fingerprint", "num_targets")
@@ -38,21 +38,13 @@ def _shared(arguments: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_same_kind(results: Sequence[datasets.Dataset]) -> list[dict[str, Any]]:
-    arguments = [score_arguments(r) for r in results]
-    reference = _shared(arguments[0])
-    if reference.get("top_k") is not None:
+    top_k = score_arguments(results[0]).get("top_k")
+    if top_k is not None:
         raise ValueError(
-            f"Result 0 was made with top_k={reference['top_k']}: each model keeps different pairs, so the "
+            f"Result 0 was made with top_k={top_k}: each model keeps different pairs, so the "
             "average would be biased. Score every pair (top_k=None) and select after averaging."
         )
-    for index, args in enumerate(arguments[1:], start=1):
-        other = _shared(args)
-        if other != reference:
-            diff = sorted(k for k in set(reference) | set(other) if reference.get(k) != other.get(k))
-            raise ValueError(
-                f"Result {index} was made with different arguments than result 0 (differing: {diff})."
-            )
-    return arguments
+    return same_arguments(results, _shared)
 
 
 def average_scores(results: Sequence[datasets.Dataset]) -> datasets.Dataset:

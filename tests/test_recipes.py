@@ -31,14 +31,22 @@ def recipe(monkeypatch):
     return importlib.import_module
 
 
-def test_cleansing_writes_the_table(recipe, tmp_path):
-    cleansing = recipe("cleansing")
-    out = tmp_path / "cleansing"
-    results = cleansing.main(
-        flags(
-            output_dir=out, max_train_samples=120, max_validation_samples=12, max_test_samples=40, num_seeds=2,
-            num_train_epochs=2, remove_fraction=0.05, per_device_train_batch_size=16, hidden_size=32,
-        )
+@pytest.fixture
+def run_recipe(recipe, tmp_path):
+    """Run ``recipes/<name>.py``'s ``main`` with quick settings, writing to ``tmp_path / name``:
+    (the results it returns, the output folder)."""
+
+    def run(name: str, **options) -> tuple[dict, Path]:
+        out = tmp_path / name
+        return recipe(name).main(flags(output_dir=out, **options)), out
+
+    return run
+
+
+def test_cleansing_writes_the_table(run_recipe):
+    results, out = run_recipe(
+        "cleansing", max_train_samples=120, max_validation_samples=12, max_test_samples=40, num_seeds=2,
+        num_train_epochs=2, remove_fraction=0.05, per_device_train_batch_size=16, hidden_size=32,
     )  # fmt: skip
     assert json.loads((out / "results.json").read_text()) == results
     assert [r["condition"] for r in results["rows"]] == ["no cleansing", "random removal", "cleansing"]
@@ -90,15 +98,11 @@ def test_vision_fashion_mnist_package_if_installed(recipe):
     assert set(np.unique(arrays["test"][1])) == set(range(10))
 
 
-def test_vision_on_digits(recipe, tmp_path):
-    vision = recipe("vision")
-    out = tmp_path / "vision"
+def test_vision_on_digits(run_recipe):
     masked = r"features\.conv2_\d+|classifier\.fc1"  # conv channels and dense units
-    results = vision.main(
-        flags(
-            dataset="digits", output_dir=out, max_train_samples=200, max_eval_samples=60, num_train_epochs=2,
-            channels="8,16", hidden_size=32, turnover_target_modules=masked, num_explained=2, num_shown=1, top_k=2,
-        )
+    results, out = run_recipe(
+        "vision", dataset="digits", max_train_samples=200, max_eval_samples=60, num_train_epochs=2,
+        channels="8,16", hidden_size=32, turnover_target_modules=masked, num_explained=2, num_shown=1, top_k=2,
     )  # fmt: skip
     assert 0.0 <= results["accuracy_plain"] <= 1.0 and 0.0 <= results["accuracy_turnover"] <= 1.0
     assert results["turnover_layers"] == ["classifier.fc1", "features.conv2_1"]  # the later layers only
@@ -130,14 +134,11 @@ def test_lm_instances_are_context_next_word_pairs(recipe):
     assert rows.position.tolist() == [0, 1, 2, 3] and rows.text_index.tolist() == [0, 0, 0, 0]
 
 
-def test_lm_self_influence(recipe, tmp_path):
+def test_lm_self_influence(recipe, run_recipe):
     lm = recipe("lm_self_influence")
-    out = tmp_path / "lm"
-    results = lm.main(
-        flags(
-            output_dir=out, max_train_samples=80, max_eval_samples=20, num_train_epochs=1, embedding_size=8,
-            hidden_size=16, num_hidden_layers=2, num_rendered_texts=5, num_top=5,
-        )
+    results, out = run_recipe(
+        "lm_self_influence", max_train_samples=80, max_eval_samples=20, num_train_epochs=1, embedding_size=8,
+        hidden_size=16, num_hidden_layers=2, num_rendered_texts=5, num_top=5,
     )  # fmt: skip
     texts, _ = lm.load_texts(lm.LMArguments(max_train_samples=80, max_eval_samples=20))
     assert results["num_train_instances"] == sum(len(t) + 1 for t in texts)
