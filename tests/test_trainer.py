@@ -201,7 +201,7 @@ def test_reading_only_the_cls_position_trains_the_same_weights(tmp_path):
         seen = []
         tail = model.get_submodule("bert.encoder.layer.1.intermediate")
         tail.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0].shape[1]))
-        args = _args(tmp_path / str(read_only), turnover_read_positions_only=read_only)
+        args = tiny_training_args(tmp_path / str(read_only), turnover_read_positions_only=read_only)
         TurnoverTrainer(model, args, train_dataset=train).train()
         # (with slicing, the first forward is the once-only probe for the first module after attention)
         assert set(seen[1:] if read_only else seen) == ({1} if read_only else {8})
