@@ -21,7 +21,6 @@ ratio the median of per-round ratios, so load from other processes hits both sid
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
@@ -29,10 +28,10 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
+from bench_common import print_and_save_json
 from transformers import AutoTokenizer, HfArgumentParser
 
 from hf_turnover import TurnoverBertForSequenceClassification, turnover_context, wide_adapter_config
-from hf_turnover.atomic import atomic_write_text
 from hf_turnover.data import load_bundled_dataset
 from hf_turnover.linear import LinearScorer
 from hf_turnover.reuse import keep_positions, read_positions, tail_entry
@@ -164,10 +163,7 @@ def main() -> None:
         "linear_vs_exact": linear_vs_exact(args, tokenizer, sentences[0]),
         "training": training_cost(args, tokenizer, sentences[1:]),
     }
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.output_json:
-        atomic_write_text(args.output_json, text + "\n")
+    print_and_save_json(results, args.output_json)
 
 
 if __name__ == "__main__":

@@ -15,18 +15,17 @@ queries' top-5 helpful lists, and the identical-class rate (the top helpful sent
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import torch
+from bench_common import print_and_save_json
 from transformers import HfArgumentParser, pipeline
 
 import hf_turnover  # noqa: F401  (registers the task)
 from hf_turnover import explain
-from hf_turnover.atomic import atomic_write_text
 from hf_turnover.data import load_bundled_dataset
 
 
@@ -115,10 +114,7 @@ def main() -> None:
         }
     if "exact" in results and "linear" in results:
         results["exact_over_linear_median"] = results["exact"]["median_s"] / results["linear"]["median_s"]
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.output_json:
-        atomic_write_text(args.output_json, text + "\n")
+    print_and_save_json(results, args.output_json)
 
 
 if __name__ == "__main__":
