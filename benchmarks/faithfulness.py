@@ -23,13 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
+from bench_common import parse_benchmark_arguments
 from faithfulness_lib import ours, peers, report
 from faithfulness_lib.cost import measure
 from faithfulness_lib.pairwise import peer_methods, self_influence_methods, turnover_methods
 from faithfulness_lib.retrain import accuracy, loo_truth, subset_losses, train_seeds
 from faithfulness_lib.setups import Setup, flip_labels, mnist_setup, scratch_dir, text_setup
-from transformers import HfArgumentParser
 
 from hf_turnover.atomic import atomic_write_text
 from hf_turnover.evaluation import random_half_subsets
@@ -219,11 +218,7 @@ def summarize(out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(FaithfulnessArguments).parse_args_into_dataclasses(args=argv)
-    if args.smoke:
-        for key, value in SMOKE.items():
-            setattr(args, key, value)
-    torch.set_num_threads(args.threads)
+    args = parse_benchmark_arguments(FaithfulnessArguments, argv, SMOKE)
     out, figures = Path(args.output_dir), Path(args.figures_dir or Path(args.output_dir) / "figures")
     out.mkdir(parents=True, exist_ok=True)
     if args.summarize_only:

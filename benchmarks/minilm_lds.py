@@ -32,10 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_common import parse_benchmark_arguments
 from faithfulness_lib import minilm as M
 from faithfulness_lib.cost import measure
 from faithfulness_lib.report import lds, mean_spearman, save_figure, spearman_standard_error
-from transformers import AutoTokenizer, HfArgumentParser
+from transformers import AutoTokenizer
 
 from hf_turnover import TurnoverConfig, turnover_context
 from hf_turnover.atomic import atomic_write_text
@@ -518,11 +519,7 @@ def plot(results: dict, path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(MiniLMArguments).parse_args_into_dataclasses(args=argv)
-    if args.smoke:
-        for key, value in SMOKE.items():
-            setattr(args, key, value)
-    torch.set_num_threads(args.threads)
+    args = parse_benchmark_arguments(MiniLMArguments, argv, SMOKE)
     start = time.perf_counter()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -37,10 +37,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
+from bench_common import parse_benchmark_arguments
 from faithfulness_lib import report
 from faithfulness_lib.sweep import Cell, Limits, RefJob, cell_dict, cell_setup, halves_jobs, run_jobs
-from transformers import HfArgumentParser
 
 from hf_turnover.atomic import atomic_path, atomic_write_text
 from hf_turnover.evaluation import random_half_subsets
@@ -180,38 +179,44 @@ def _seconds(value) -> str:
     return f"{value:.4f}" if value < 0.1 else f"{value:.3f}"
 
 
+def _table(headers: list[str], rows: list[list]) -> str:
+    """A Markdown table, without a final newline."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
 def width_table(rows: list[dict]) -> str:
     base = next((r["s_per_step"] for r in rows), None)
-    lines = ["| H | test acc | LDS exact (seed 0) | LDS linear (seed 0) | rank agreement exact/linear | same sign | "
-             "LDS mean of 3 (linear) | LDS mean of 3 (exact) | train s/step (x H=first) | exact s/target | "
-             "linear s/target |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        lines.append(f"| {r['hidden']} | {_fmt(r['test_accuracy'])} | **{_fmt(r['lds_exact'])}** | {_fmt(r['lds_linear'])} | "
-                     f"{_fmt(r.get('rank_agreement'))} | {_fmt(r.get('sign_agreement'))} | {_fmt(r.get('lds_mean_linear'))} | "
-                     f"{_fmt(r.get('lds_mean_exact'))} | {r['s_per_step'] * 1000:.2f} ms ({r['s_per_step'] / base:.1f}x) | "
-                     f"{_seconds(r['exact_s_per_target'])} | {_seconds(r['linear_s_per_target'])} |")  # fmt: skip
-    return "\n".join(lines)
+    headers = ["H", "test acc", "LDS exact (seed 0)", "LDS linear (seed 0)", "rank agreement exact/linear", "same sign",
+               "LDS mean of 3 (linear)", "LDS mean of 3 (exact)", "train s/step (x H=first)", "exact s/target",
+               "linear s/target"]  # fmt: skip
+    return _table(headers, [
+        [r["hidden"], _fmt(r["test_accuracy"]), f"**{_fmt(r['lds_exact'])}**", _fmt(r["lds_linear"]),
+         _fmt(r.get("rank_agreement")), _fmt(r.get("sign_agreement")), _fmt(r.get("lds_mean_linear")),
+         _fmt(r.get("lds_mean_exact")), f"{r['s_per_step'] * 1000:.2f} ms ({r['s_per_step'] / base:.1f}x)",
+         _seconds(r["exact_s_per_target"]), _seconds(r["linear_s_per_target"])]
+        for r in rows
+    ])  # fmt: skip
 
 
 def generic_table(rows: list[dict], first: str, value) -> str:
-    lines = [f"| {first} | variant | H | N | p | test acc | LDS exact | LDS linear | rank agreement | LDS mean of seeds (linear) | "
-             "train s/step | train s (one model) | exact s/target | linear s/target |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        lines.append(f"| {value(r)} | {r['variant']} | {r['hidden']} | {r['num_train']} | {r['p']:g} | {_fmt(r['test_accuracy'])} | "
-                     f"**{_fmt(r['lds_exact'])}** | {_fmt(r['lds_linear'])} | {_fmt(r.get('rank_agreement'))} | "
-                     f"{_fmt(r.get('lds_mean_linear'))} | {r['s_per_step'] * 1000:.2f} ms | {r['train_s_one_model']:.1f} | "
-                     f"{_seconds(r['exact_s_per_target'])} | {_seconds(r['linear_s_per_target'])} |")  # fmt: skip
-    return "\n".join(lines)
+    headers = [first, "variant", "H", "N", "p", "test acc", "LDS exact", "LDS linear", "rank agreement",
+               "LDS mean of seeds (linear)", "train s/step", "train s (one model)", "exact s/target", "linear s/target"]  # fmt: skip
+    return _table(headers, [
+        [value(r), r["variant"], r["hidden"], r["num_train"], f"{r['p']:g}", _fmt(r["test_accuracy"]),
+         f"**{_fmt(r['lds_exact'])}**", _fmt(r["lds_linear"]), _fmt(r.get("rank_agreement")),
+         _fmt(r.get("lds_mean_linear")), f"{r['s_per_step'] * 1000:.2f} ms", f"{r['train_s_one_model']:.1f}",
+         _seconds(r["exact_s_per_target"]), _seconds(r["linear_s_per_target"])]
+        for r in rows
+    ])  # fmt: skip
 
 
 def peers_table(rows: list[dict]) -> str:
-    lines = ["| H | method | LDS | setup s | s / target | notes |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        for name, p in r["peers"].items():
-            lines.append(f"| {r['hidden']} | {name} | **{_fmt(p['lds'])}** | {p['setup_s']:.2f} | "
-                         f"{_seconds(p['per_target_s'])} | {p['notes']} |")  # fmt: skip
-    return "\n".join(lines)
+    headers = ["H", "method", "LDS", "setup s", "s / target", "notes"]
+    return _table(headers, [
+        [r["hidden"], name, f"**{_fmt(p['lds'])}**", f"{p['setup_s']:.2f}", _seconds(p["per_target_s"]), p["notes"]]
+        for r in rows for name, p in r["peers"].items()
+    ])  # fmt: skip
 
 
 def markdown(results: dict) -> str:
@@ -314,14 +319,10 @@ def plot(results: dict, figures: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(SweepArguments).parse_args_into_dataclasses(args=argv)
+    args = parse_benchmark_arguments(SweepArguments, argv, SMOKE)
     command = "python benchmarks/width_sweep.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
-    if args.smoke:
-        for key, value in SMOKE.items():
-            setattr(args, key, value)
-    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     out = Path(args.output_dir)
     figures = Path(args.figures_dir or out / "figures")

@@ -114,6 +114,20 @@ def own_masks(num_rows: int, hidden: int, config: TurnoverConfig | None) -> torc
     return mask_values(bits, "own", config.p, torch.float32)
 
 
+def weighted_step(
+    optimizer: torch.optim.Optimizer, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+) -> None:
+    """One optimizer step on the sum over the K models of each one's weighted mean loss of a minibatch:
+    ``logits`` (K, B, C), ``labels`` (B,), ``weights`` (K, B)."""
+    losses = F.cross_entropy(
+        logits.transpose(1, 2), labels.expand(len(logits), -1), reduction="none"
+    )  # (K, B)
+    loss = ((weights * losses).sum(1) / weights.sum(1).clamp(min=1e-12)).sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def train_stack(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -133,11 +147,32 @@ def train_stack(
     end-of-epoch snapshots of model 0 (for TracIn) when ``checkpoint_every_epoch``."""
     k, n = weights.shape
     stack = init_stack(x.shape[1], hidden, num_classes, k, seed)
+    masks = own_masks(n, hidden, config)
+    return fit_stack(stack, x, y, weights, masks, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size,
+                     checkpoint_every_epoch=checkpoint_every_epoch, progress=progress)  # fmt: skip
+
+
+def fit_stack(
+    stack: Stack,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weights: torch.Tensor,
+    masks: torch.Tensor | None,
+    *,
+    seed: int,
+    epochs: int,
+    lr: float,
+    batch_size: int = 32,
+    checkpoint_every_epoch: bool = False,
+    progress: bool = False,
+) -> tuple[Stack, list[Stack]]:
+    """Train the K models of ``stack`` in place (Adam, minibatch order drawn from ``seed``), row ``i`` under
+    ``masks[i]`` (N, H) or unmasked; returns the stack and model 0's end-of-epoch snapshots if asked."""
+    k, n = weights.shape
     params = [stack.w1, stack.b1, stack.w2, stack.b2]
     for param in params:
         param.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=lr, fused=True)  # fused: 2-3x faster on CPU here
-    masks = own_masks(n, hidden, config)
     order_rng = torch.Generator().manual_seed(seed + 1_000_003)
     snapshots = []
     for _ in tqdm(range(epochs), desc=f"train {k} models", disable=not progress, leave=False):
@@ -145,12 +180,7 @@ def train_stack(
         for start in range(0, n, batch_size):
             rows = order[start : start + batch_size]
             logits = stack.logits(x[rows], None if masks is None else masks[rows])  # (K, B, C)
-            losses = F.cross_entropy(logits.transpose(1, 2), y[rows].expand(k, -1), reduction="none")
-            w = weights[:, rows]  # (K, B)
-            loss = ((w * losses).sum(1) / w.sum(1).clamp(min=1e-12)).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            weighted_step(optimizer, logits, y[rows], weights[:, rows])
         if checkpoint_every_epoch:
             with torch.no_grad():
                 snapshots.append(stack.select(0))

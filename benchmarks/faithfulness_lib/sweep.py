@@ -34,7 +34,7 @@ from hf_turnover.config import TurnoverConfig
 from hf_turnover.evaluation import score_matrix
 from hf_turnover.masks import keep_bits, mask_values
 
-from .batched import MASKED_LAYER, Stack, init_stack, train_stack
+from .batched import MASKED_LAYER, Stack, fit_stack, init_stack, train_stack, weighted_step
 from .fashion import fashion_setup
 from .ours import as_targets
 from .setups import Setup, mnist_setup
@@ -117,32 +117,12 @@ def _train_masked_input(x, y, weights, *, hidden, num_classes, seed, epochs, lr,
     """``train_stack`` with an extra own mask on the input features of every row (variant ``input_mask``)."""
     k, n = weights.shape
     stack = init_stack(x.shape[1], hidden, num_classes, k, seed)
-    params = [stack.w1, stack.b1, stack.w2, stack.b2]
-    for param in params:
-        param.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=lr, fused=True)
     ids = torch.arange(n, dtype=torch.int64)
     hidden_masks = own_mask(ids, hidden, MASKED_LAYER, p, seed)
     x_masked = x * own_mask(ids, x.shape[1], INPUT_LAYER, p, seed)  # each row's masked input never changes
-    order_rng = torch.Generator().manual_seed(seed + 1_000_003)  # the same minibatch order as train_stack
-    snapshots = []
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=order_rng)
-        for start in range(0, n, batch_size):
-            rows = order[start : start + batch_size]
-            logits = stack.logits(x_masked[rows], hidden_masks[rows])
-            losses = F.cross_entropy(logits.transpose(1, 2), y[rows].expand(k, -1), reduction="none")
-            w = weights[:, rows]
-            loss = ((w * losses).sum(1) / w.sum(1).clamp(min=1e-12)).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        if checkpoint_every_epoch:
-            with torch.no_grad():
-                snapshots.append(stack.select(0))
-    for param in params:
-        param.requires_grad_(False)
-    return stack, snapshots
+    # fit_stack draws the same minibatch order as train_stack
+    return fit_stack(stack, x_masked, y, weights, hidden_masks, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size,
+                     checkpoint_every_epoch=checkpoint_every_epoch)  # fmt: skip
 
 
 @dataclass
@@ -183,12 +163,7 @@ def _train_frozen(x, y, weights, *, hidden, num_classes, seed, epochs, lr, p, ba
         for begin in range(0, n, batch_size):
             rows = order[begin : begin + batch_size]
             logits = torch.einsum("bh,khc->kbc", feats[rows], stack.w2) + stack.b2[:, None, :]
-            losses = F.cross_entropy(logits.transpose(1, 2), y[rows].expand(k, -1), reduction="none")
-            w = weights[:, rows]
-            loss = ((w * losses).sum(1) / w.sum(1).clamp(min=1e-12)).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            weighted_step(optimizer, logits, y[rows], weights[:, rows])
     for param in params:
         param.requires_grad_(False)
     return stack
