@@ -73,6 +73,17 @@ def make_token_dataset(
     return datasets.Dataset.from_dict(rows)
 
 
+THREADS = torch.get_num_threads()  # before any test: module fixtures may run benchmark drivers first
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """The benchmark drivers set torch's thread count; a later test comparing in-process scores with a fresh
+    process would then see other float rounding."""
+    yield
+    torch.set_num_threads(THREADS)
+
+
 @pytest.fixture
 def tiny_bert():
     return make_tiny_bert()

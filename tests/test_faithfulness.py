@@ -191,11 +191,7 @@ def test_benchmark_smoke(tmp_path):
     driver = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = driver  # dataclasses resolve string annotations through sys.modules
     spec.loader.exec_module(driver)
-    threads = torch.get_num_threads()
-    try:
-        results = driver.main(["--output_dir", str(tmp_path), "--smoke", "true", "--setups", "mnist,text"])
-    finally:  # the driver sets its own thread count; later tests compare in-process scores with fresh processes
-        torch.set_num_threads(threads)
+    results = driver.main(["--output_dir", str(tmp_path), "--smoke", "true", "--setups", "mnist,text"])
     assert (tmp_path / "results.json").is_file() and (tmp_path / "results.md").is_file()
     for name, result in results["setups"].items():
         methods = [r["method"] for r in result["pairwise"]]
