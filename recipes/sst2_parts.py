@@ -20,11 +20,12 @@ from hf_turnover.config import TurnoverConfig
 from hf_turnover.data import load_text_classification
 from hf_turnover.explain import explain_prediction
 from hf_turnover.influence import self_influence
+from hf_turnover.linear import make_scorer
 from hf_turnover.model import find_modules
 from hf_turnover.modeling_turnover import TurnoverBertForSequenceClassification
 from hf_turnover.plots import plot_self_influence
 from hf_turnover.results import save_scores
-from hf_turnover.scorer import TurnoverScorer
+from hf_turnover.wide import wide_adapter_config
 
 ID_COLUMN = "instance_id"
 
@@ -72,11 +73,17 @@ def tokenize(
 def build_model(
     model_args: Any, config: TurnoverConfig, backbone: str
 ) -> TurnoverBertForSequenceClassification:
-    """Backbone + Houlsby adapters (top ``adapter_top_layers`` layers) + classifier, with turn-over masks."""
-    adapter = AdapterConfig.load(model_args.adapter_config)
-    if model_args.adapter_top_layers:
-        num_layers = AutoConfig.from_pretrained(backbone).num_hidden_layers
-        adapter = adapter.replace(leave_out=list(range(max(0, num_layers - model_args.adapter_top_layers))))
+    """Backbone + bottleneck adapters (top ``adapter_top_layers`` layers, ``adapter_width`` units each) +
+    classifier, with turn-over masks."""
+    backbone_config = AutoConfig.from_pretrained(backbone)
+    layers = model_args.adapter_top_layers or backbone_config.num_hidden_layers
+    if model_args.adapter_width:
+        adapter = wide_adapter_config(
+            backbone_config, model_args.adapter_width, layers, model_args.adapter_config
+        )
+    else:
+        adapter = AdapterConfig.load(model_args.adapter_config)
+        adapter = adapter.replace(leave_out=list(range(backbone_config.num_hidden_layers - layers)))
     model = TurnoverBertForSequenceClassification.from_backbone(
         backbone, num_labels=2, adapter_name="sst2", adapter_config=adapter, turnover=config,
         id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
@@ -111,6 +118,7 @@ def misclassified_report(
     text_column: str,
     num_explained: int,
     top_k: int,
+    method: str = "linear",
 ) -> tuple[str, int]:
     """Markdown: the most confidently misclassified validation sentences, each with the training sentences
     carrying the (wrong) predicted label that pushed the model towards it most (the paper's Figures 3-4)."""
@@ -127,7 +135,8 @@ def misclassified_report(
         "wrong prediction, `I(z_t, z_i) = L(flip mask of z_i, z_t) - L(own mask of z_i, z_t)` for the predicted "
         "label: **positive = training on z_i pushed the model towards the error.**\n",
     ]
-    scorer = TurnoverScorer(model)  # one for all explanations: the model is probed once
+    scorer = make_scorer(model, method)  # one for all explanations: the model is probed once
+    tops = []
     for rank, index in enumerate(order.tolist(), start=1):
         row = validation_tok[index]
         target = {k: row[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in row}
@@ -145,6 +154,12 @@ def misclassified_report(
             for h in why["helpful"]
         ]
         lines.append(markdown_table(["influence", "label", "training sentence (id)"], rows, right=(0,)))
+        tops.append(why["helpful"][0]["train_id"] if why["helpful"] else None)
+    lines.insert(
+        2,
+        f"Scores: `method={method!r}`. {len(set(tops))} distinct training sentences top the {len(tops)} lists "
+        "below (the same sentence on top of unrelated errors would point at mask luck, not at a cause).\n",
+    )
     return "\n".join(lines) + "\n", len(order)
 
 
@@ -161,7 +176,15 @@ def write_influence_outputs(
     plot_self_influence(scores, output / "self_influence.png")
     start, text = time.time(), data_args.text_column
     report, explained = misclassified_report(
-        model, train, validation, logits, validation_tok, text, recipe.num_explained, recipe.top_k
+        model,
+        train,
+        validation,
+        logits,
+        validation_tok,
+        text,
+        recipe.num_explained,
+        recipe.top_k,
+        recipe.method,
     )
     report += top_self_influence(scores, train, text, recipe.top_k)
     timings["explain_s"] = time.time() - start
