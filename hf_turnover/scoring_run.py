@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
 from . import influence as single
 from .atomic import atomic_write_text
@@ -37,6 +38,8 @@ from .distributed import keep_candidates, merge_candidates, shard_scores
 from .inputs import label_column, padded_batches, python_format
 from .linear import LinearScorer, gradient_blocks, make_scorer
 from .results import METADATA_KEY, combine_scores, load_scores, save_scores, score_arguments, scores_dataset
+
+logger = logging.get_logger(__name__)
 
 KINDS = ("influence", "self_influence", "mean_influence")
 ARGUMENTS_FILE = "arguments.json"
@@ -114,6 +117,7 @@ class ScoringRun:
         }
         self._prep = single._TargetPrep(self.scorer, self.scorer.config.id_column)
         self._gradients: list[tuple[int, dict[str, torch.Tensor]]] | None = None
+        self._warned = False
 
     # -- files -------------------------------------------------------------------------------------------
     def shard_path(self, index: int) -> Path:
@@ -207,12 +211,24 @@ class ScoringRun:
         """``(target index, scores of ids[start:stop])``; the linear method's gradients are computed once."""
         if not isinstance(self.scorer, LinearScorer):
             for index, row in enumerate(self.rows):
-                yield index, shard_scores(self.scorer, *self._prep(row), self.ids, start, stop)
+                inputs, labels = self._prep(row)
+                self._warn_if_shards_cut_chunks(inputs)
+                yield index, shard_scores(self.scorer, inputs, labels, self.ids, start, stop)
             return
         for first, grads in self._linear_gradients():
             matrix = self.scorer.scores_from_gradients(grads, self.ids[start:stop]).cpu()  # (T, n)
             for offset, vector in enumerate(matrix):
                 yield first + offset, vector
+
+    def _warn_if_shards_cut_chunks(self, inputs: dict[str, torch.Tensor]) -> None:
+        step = self.scorer.ids_per_forward(inputs)
+        if self.shard_size % step and len(self.ids) > self.shard_size and not self._warned:
+            self._warned = True
+            logger.warning(
+                f"shard_size={self.shard_size} cuts the exact engine's chunks of {step} ids per forward: a shard "
+                "computes the whole chunks it overlaps and keeps its part (same scores, more work). Use a "
+                f"multiple of {step} (e.g. {max(step, self.shard_size // step * step)}), or batch_size."
+            )
 
     def _linear_gradients(self, block: int = 32) -> list[tuple[int, dict[str, torch.Tensor]]]:
         if self._gradients is None:  # the blocks influence._score_targets uses
