@@ -1,7 +1,7 @@
 """Scoring throughput with one and with two processes (``distributed=True`` under ``accelerate launch``).
 
     accelerate launch --config_file recipes/accelerate_configs/cpu.yaml benchmarks/distributed_speed.py
-    accelerate launch --config_file recipes/accelerate_configs/cpu_ddp.yaml benchmarks/distributed_speed.py
+    accelerate launch --multi_gpu --num_processes 2 benchmarks/distributed_speed.py
 
 Each launch writes ``benchmarks/distributed_speed_{K}proc.json`` (K processes). The model is the embedded default
 (all-MiniLM-L6-v2, adapters in its top layer, turn-over on them and on the classifier input) with its 4,000

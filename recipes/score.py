@@ -7,7 +7,7 @@ Any model written by `save_turnover_model` / `push_turnover_model` (a folder or 
 
     accelerate launch recipes/score.py --model_name_or_path outputs/sst2/model \
         --targets_dataset_name rotten_tomatoes --targets_split validation --top_k 10 --output_dir outputs/score
-    accelerate launch --num_processes 2 recipes/score.py --kind self_influence --output_dir outputs/self
+    accelerate launch --multi_gpu --num_processes 2 recipes/score.py --kind self_influence --output_dir outputs/self
     accelerate launch recipes/score.py --kind mean_influence --targets_split validation --method linear
 
 The training set is the one that travels with the model (`training_set.json`), or `--train_dataset_name` (a
@@ -151,8 +151,10 @@ def main(argv: list[str] | None = None) -> ScoringRun:
     )  # fmt: skip
     run.run(state)
     if state is None or state.is_main_process:
+        processes = state.num_processes if state is not None else 1
         logger.info(
-            f"{args.kind} of {len(run.ids)} training ids in {time.time() - started:.1f} s: {args.output_dir}"
+            f"{args.kind} of {len(run.ids)} training ids by {processes} process(es) in "
+            f"{time.time() - started:.1f} s: {args.output_dir}"
         )
 
 

@@ -1,6 +1,7 @@
 """recipes/score.py: a saved model, its training set and targets in, a dataset of scores out; resumable; launchable
 with `accelerate launch` (one or two CPU processes: the same result)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,6 @@ from hf_turnover import estimate_influence, mean_influence, save_turnover_model,
 from hf_turnover.scoring_run import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "recipes" / "accelerate_configs"
 
 
 @pytest.fixture(scope="module")
@@ -92,23 +92,44 @@ def test_command_equals_the_library(saved, score, tmp_path, kind, extra):
     _assert_identical(result, expected, sort=kind == "influence" and "--top_k" not in extra)
 
 
-def _launch(config: str, argv: list[str], **popen) -> subprocess.Popen:
+# The README's launches: one process, and two (--multi_gpu picks torchrun; without GPUs the ranks use the CPU
+# and gloo). OMP_NUM_THREADS=1 for both, so that the two are compared at the same intra-op threads.
+ONE = ["--num_processes", "1"]
+TWO = ["--multi_gpu", "--num_processes", "2"]
+
+
+def _launch(launch: list[str], argv: list[str], **popen) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config)]
-    cmd += [str(ROOT / "recipes" / "score.py"), *argv]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "recipes" / "score.py"), *argv]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, text=True, **popen)
 
 
-def _run(config: str, argv: list[str]) -> None:
-    process = _launch(config, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def _run(launch: list[str], argv: list[str]) -> str:
+    process = _launch(launch, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output[-4000:]
+    return output
 
 
 @pytest.mark.slow
-def test_readme_commands_one_and_two_processes_and_a_killed_run(saved, tmp_path):
-    """The README's commands: two CPU processes (cpu_ddp.yaml) write what one (cpu.yaml) writes; a run killed
-    after its first shards resumes to the same result; a rerun of a finished run does no work."""
+def test_readme_commands_on_the_default_model(tmp_path):
+    """The README's scoring commands (the embedded default model, 4,000 training sentences): two processes write
+    what one writes, and only the main process shows a progress bar."""
+    argv = ["--sentences", "A gorgeous, witty, seductive movie.", "Dull and far too long.", "--top_k", "5"]
+    one = _run(ONE, argv + ["--output_dir", str(tmp_path / "one")])
+    two = _run(TWO, argv + ["--output_dir", str(tmp_path / "two")])
+    _assert_identical(load_run(tmp_path / "one"), load_run(tmp_path / "two"))
+    assert len(load_run(tmp_path / "two")) == 2 * 10
+    assert json.loads((tmp_path / "two" / "arguments.json").read_text())["complete"]
+    assert "by 1 process(es)" in one and "by 2 process(es)" in two
+    assert two.count("Scoring influence:   0%") == 1  # the main process's bar only
+
+
+@pytest.mark.slow
+def test_two_processes_and_a_killed_run(saved, tmp_path):
+    """Two CPU processes write what one writes (pairwise with top_k, self and mean influence); a run killed after
+    its first shards resumes to the same result; a rerun of a finished run does no work."""
     *_, folder = saved
     argv = [
         "--model_name_or_path",
@@ -120,8 +141,8 @@ def test_readme_commands_one_and_two_processes_and_a_killed_run(saved, tmp_path)
         "--shard_size",
         "4",
     ]
-    _run("cpu.yaml", argv + ["--output_dir", str(tmp_path / "one")])
-    _run("cpu_ddp.yaml", argv + ["--output_dir", str(tmp_path / "two")])
+    _run(ONE, argv + ["--output_dir", str(tmp_path / "one")])
+    assert "by 2 process(es)" in _run(TWO, argv + ["--output_dir", str(tmp_path / "two")])
     _assert_identical(load_run(tmp_path / "one"), load_run(tmp_path / "two"))
     for kind in ("self_influence", "mean_influence"):
         common = [
@@ -134,14 +155,13 @@ def test_readme_commands_one_and_two_processes_and_a_killed_run(saved, tmp_path)
             "--shard_size",
             "8",
         ]
-        _run("cpu.yaml", common + ["--output_dir", str(tmp_path / f"{kind}1")])
-        _run("cpu_ddp.yaml", common + ["--output_dir", str(tmp_path / f"{kind}2")])
+        _run(ONE, common + ["--output_dir", str(tmp_path / f"{kind}1")])
+        _run(TWO, common + ["--output_dir", str(tmp_path / f"{kind}2")])
         _assert_identical(load_run(tmp_path / f"{kind}1"), load_run(tmp_path / f"{kind}2"))
 
     killed = tmp_path / "killed"
     slow = argv + ["--output_dir", str(killed), "--shard_size", "1", "--batch_size", "1"]
-    process = _launch("cpu_ddp.yaml", slow, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                      start_new_session=True)  # fmt: skip
+    process = _launch(TWO, slow, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while len(list((killed / "shards").glob("shard-*.parquet"))) < 3 and time.time() < deadline:
         time.sleep(0.2)
@@ -149,8 +169,8 @@ def test_readme_commands_one_and_two_processes_and_a_killed_run(saved, tmp_path)
     process.wait()
     finished = len(list((killed / "shards").glob("shard-*.parquet")))
     assert 3 <= finished < 40, finished
-    _run("cpu_ddp.yaml", slow)
+    _run(TWO, slow)
     _assert_identical(load_run(killed), load_run(tmp_path / "one"))
     stamp = {p: p.stat().st_mtime_ns for p in killed.rglob("*.parquet")}
-    _run("cpu_ddp.yaml", slow)  # finished: nothing is rewritten
+    _run(TWO, slow)  # finished: nothing is rewritten
     assert {p: p.stat().st_mtime_ns for p in killed.rglob("*.parquet")} == stamp
