@@ -12,8 +12,9 @@ same chunk of ids as one process does (a shard starting inside a chunk computes 
 its part), self-influence shards are whole batches (the same padding), the linear method's product is per id,
 and a mean sums every id's scores over the targets in the same order. With ``top_k`` each process keeps its
 own top and bottom ``top_k`` per target and the merge keeps the global ones: memory stays flat in N. The
-linear method's gradients (one backward pass per target) are computed by every process; the product with the
-mask bits, the part that grows with N, is sharded (each process builds the mask table of its shard only).
+linear method's gradients (one backward pass per target) are shared out by target and gathered; the product
+with the mask bits, the part that grows with N, is sharded by id (each process builds the mask table of its
+shard only).
 
 This module is imported by ``influence.py`` and travels with Hub models as remote code (flat); it reads
 ``influence.py``'s helpers at call time (``_single()``), which breaks the import cycle.
@@ -82,16 +83,38 @@ def shard_scores(
     return scorer.score(inputs, labels, ids[low:high])[start - low : stop - low]
 
 
+def target_gradients(state: Any, scorer: LinearScorer, prep: Any, rows: list[dict]) -> list[dict]:
+    """Every target's mask gradients ``{layer: (1, d)}`` in target order, each computed by one process (targets
+    ``r, r + K, ...`` on process ``r``) and gathered: the same tensors one process computes, at 1/K of the cost."""
+    mine = {
+        index: {name: g.cpu() for name, g in scorer.mask_gradients(*prep(rows[index])).items()}
+        for index in range(state.process_index, len(rows), state.num_processes)
+    }
+    merged: dict[int, dict] = {}
+    for part in _gather(state, mine):
+        merged.update(part)
+    return [{name: g.to(scorer.device) for name, g in merged[index].items()} for index in range(len(rows))]
+
+
 def _shard_vectors(
-    scorer: TurnoverScorer, prep: Any, rows: list[dict], ids: torch.Tensor, start: int, stop: int
+    state: Any, scorer: TurnoverScorer, prep: Any, rows: list[dict], ids: torch.Tensor, start: int, stop: int
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(row index, scores of ids[start:stop])`` per target, as ``influence._score_targets`` yields them."""
-    single = _single()
-    if isinstance(scorer, LinearScorer) and stop > start:
-        yield from single._score_targets(scorer, prep, rows, ids[start:stop])
+    """``(row index, scores of ids[start:stop])`` per target, as ``influence._score_targets`` yields them (the
+    linear method: gradients of blocks of 32 targets times the mask table of the shard)."""
+    if not isinstance(scorer, LinearScorer):
+        for index, row in enumerate(rows):
+            yield index, shard_scores(scorer, *prep(row), ids, start, stop)
         return
-    for index, row in enumerate(rows):
-        yield index, shard_scores(scorer, *prep(row), ids, start, stop)
+    grads, block = target_gradients(state, scorer, prep, rows), 32
+    for first in range(0, len(rows), block):
+        part = {name: torch.cat([g[name] for g in grads[first : first + block]]) for name in grads[0]}
+        if stop <= start:
+            matrix = torch.empty(len(grads[first : first + block]), 0)
+        else:
+            matrix = scorer.scores_from_gradients(part, ids[start:stop]).cpu()  # (T, n)
+        for offset, vector in enumerate(matrix):
+            scorer._warn_if_unmasked(vector)
+            yield first + offset, vector
 
 
 def keep_candidates(vector: torch.Tensor, top_k: int | None) -> torch.Tensor:
@@ -137,7 +160,7 @@ def estimate_influence(state: Any, model, train_dataset, targets, **options: Any
     start, stop = shard_range(len(ids), state.process_index, state.num_processes)
     parts = []
     bar = _bar(state, progress, total=len(rows), desc="Scoring targets")
-    for _index, vector in _shard_vectors(scorer, prep, rows, ids, start, stop):
+    for _index, vector in _shard_vectors(state, scorer, prep, rows, ids, start, stop):
         keep = keep_candidates(vector, top_k)
         parts.append(((start + keep).numpy(), vector[keep].numpy()))
         bar.update()
@@ -176,8 +199,8 @@ def mean_influence(state: Any, model, train_dataset, targets, *, progress=None, 
     bar = _bar(state, progress, total=len(rows), desc="Mean influence")
     if isinstance(scorer, LinearScorer):
         grads: dict[str, torch.Tensor] = {}
-        for row in rows:  # every process: the gradients are per target, the product below is per id
-            for name, g in scorer.mask_gradients(*prep(row)).items():
+        for target in target_gradients(state, scorer, prep, rows):  # summed in one process's order
+            for name, g in target.items():
                 grads[name] = grads.get(name, 0) + g.double().sum(0, keepdim=True)
             bar.update()
         total = torch.empty(0, dtype=torch.float64)
