@@ -17,7 +17,7 @@ with the mask bits, the part that grows with N, is sharded by id (each process b
 shard only).
 
 This module is imported by ``influence.py`` and travels with Hub models as remote code (flat); it reads
-``influence.py``'s helpers at call time (``_single()``), which breaks the import cycle.
+``influence.py``'s helpers at call time, which breaks the import cycle.
 """
 
 from __future__ import annotations
@@ -35,12 +35,6 @@ from .inputs import label_column, padded_batches, python_format
 from .linear import LinearScorer, make_scorer
 from .results import scores_dataset
 from .scorer import TurnoverScorer
-
-
-def _single():
-    from . import influence
-
-    return influence
 
 
 def process_state() -> Any | None:
@@ -119,8 +113,9 @@ def _shard_vectors(
 
 def keep_candidates(vector: torch.Tensor, top_k: int | None) -> torch.Tensor:
     """Positions of the scores a shard keeps for the merge (its top and bottom ``top_k``), in id order."""
-    single = _single()
-    return single._top_and_bottom(vector, top_k).sort().values
+    from .influence import _top_and_bottom
+
+    return _top_and_bottom(vector, top_k).sort().values
 
 
 def merge_candidates(
@@ -128,15 +123,17 @@ def merge_candidates(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The global top and bottom ``top_k`` (all, sorted, without ``top_k``) from the shards' candidates, in the
     order one process returns them: ``(positions in the id list, scores)``."""
-    single = _single()
+    from .influence import _top_and_bottom
+
     position, score = np.concatenate(positions), np.concatenate(scores)
-    keep = single._top_and_bottom(torch.from_numpy(score), top_k).numpy()
+    keep = _top_and_bottom(torch.from_numpy(score), top_k).numpy()
     return position[keep], score[keep]
 
 
 def _bar(state: Any, progress: bool | None, **kwargs: Any) -> tqdm:
-    single = _single()
-    return tqdm(disable=not (single._show_progress(progress) and state.is_main_process), **kwargs)
+    from .influence import _show_progress
+
+    return tqdm(disable=not (_show_progress(progress) and state.is_main_process), **kwargs)
 
 
 def _gather(state: Any, part: Any) -> list[Any]:
@@ -147,16 +144,17 @@ def _gather(state: Any, part: Any) -> list[Any]:
 
 def estimate_influence(state: Any, model, train_dataset, targets, **options: Any):
     """:func:`hf_turnover.estimate_influence` over the processes of ``state``."""
-    single = _single()
+    from .influence import _arguments, _target_rows, _TargetPrep, training_ids
+
     top_k, progress = options["top_k"], options["progress"]
     scorer = make_scorer(
         model, options["method"], variant=options["variant"], batch_size=options["batch_size"],
         loss_fn=options["loss_fn"], forward_fn=options["forward_fn"], dtype=options["dtype"],
         positions=options["positions"],
     )  # fmt: skip
-    ids = single.training_ids(model, train_dataset, options["train_ids"], options["check_fingerprint"])
-    rows = single._target_rows(targets)
-    prep = single._TargetPrep(scorer, scorer.config.id_column)
+    ids = training_ids(model, train_dataset, options["train_ids"], options["check_fingerprint"])
+    rows = _target_rows(targets)
+    prep = _TargetPrep(scorer, scorer.config.id_column)
     start, stop = shard_range(len(ids), state.process_index, state.num_processes)
     parts = []
     bar = _bar(state, progress, total=len(rows), desc="Scoring targets")
@@ -182,19 +180,20 @@ def estimate_influence(state: Any, model, train_dataset, targets, **options: Any
             "train_id": np.concatenate(train_out),
             "score": np.concatenate(scores),
         },
-        single._arguments(model, scorer, "influence", ids, top_k),
+        _arguments(model, scorer, "influence", ids, top_k),
     )
 
 
 def mean_influence(state: Any, model, train_dataset, targets, *, progress=None, **kwargs: Any):
     """:func:`hf_turnover.mean_influence` over the processes of ``state``."""
-    single = _single()
+    from .influence import _arguments, _target_rows, _TargetPrep, training_ids
+
     check = kwargs.pop("check_fingerprint", True)
     train_ids = kwargs.pop("train_ids", None)
     scorer = make_scorer(model, kwargs.pop("method", "exact"), **kwargs)
-    ids = single.training_ids(model, train_dataset, train_ids, check)
-    rows = single._target_rows(targets)
-    prep = single._TargetPrep(scorer, scorer.config.id_column)
+    ids = training_ids(model, train_dataset, train_ids, check)
+    rows = _target_rows(targets)
+    prep = _TargetPrep(scorer, scorer.config.id_column)
     start, stop = shard_range(len(ids), state.process_index, state.num_processes)
     bar = _bar(state, progress, total=len(rows), desc="Mean influence")
     if isinstance(scorer, LinearScorer):
@@ -217,17 +216,18 @@ def mean_influence(state: Any, model, train_dataset, targets, *, progress=None, 
     total = np.concatenate(_gather(state, total.float().numpy()))
     return scores_dataset(
         {"train_id": ids.numpy(), "score": total},
-        {**single._arguments(model, scorer, "mean_influence", ids), "num_targets": len(rows)},
+        {**_arguments(model, scorer, "mean_influence", ids), "num_targets": len(rows)},
     )
 
 
 def self_influence(state: Any, model, train_dataset, *, batch_size=64, progress=None, **kwargs: Any):
     """:func:`hf_turnover.self_influence` over the processes of ``state``: shards are whole batches."""
-    single = _single()
+    from .influence import _arguments, training_ids
+
     check = kwargs.pop("check_fingerprint", True)
     scorer = make_scorer(model, kwargs.pop("method", "exact"), **kwargs)
     train_dataset = python_format(train_dataset)
-    ids = single.training_ids(model, train_dataset, None, check)
+    ids = training_ids(model, train_dataset, None, check)
     if label_column(train_dataset.column_names) is None:
         raise ValueError(
             f"Self-influence needs labels: train_dataset has no label column ({train_dataset.column_names})."
@@ -245,7 +245,7 @@ def self_influence(state: Any, model, train_dataset, *, batch_size=64, progress=
     bar.close()
     scores = np.concatenate(_gather(state, scores.numpy()))
     return scores_dataset(
-        {"train_id": ids.numpy(), "score": scores}, single._arguments(model, scorer, "self_influence", ids)
+        {"train_id": ids.numpy(), "score": scores}, _arguments(model, scorer, "self_influence", ids)
     )
 
 

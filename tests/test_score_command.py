@@ -93,9 +93,9 @@ def test_command_equals_the_library(saved, score, tmp_path, kind, extra):
 
 
 # The README's launches: one process, and two (--multi_gpu picks torchrun; without GPUs the ranks use the CPU
-# and gloo). OMP_NUM_THREADS=1 for both, so that the two are compared at the same intra-op threads.
-ONE = ["--num_processes", "1"]
-TWO = ["--multi_gpu", "--num_processes", "2"]
+# and gloo), both with one intra-op thread per process: a matmul's last bits can depend on the thread count.
+ONE = ["--num_processes", "1", "--num_cpu_threads_per_process", "1"]
+TWO = ["--multi_gpu", "--num_processes", "2", "--num_cpu_threads_per_process", "1"]
 
 
 def _launch(launch: list[str], argv: list[str], **popen) -> subprocess.Popen:
