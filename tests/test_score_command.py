@@ -93,13 +93,15 @@ def test_command_equals_the_library(saved, score, tmp_path, kind, extra):
 
 
 # The README's launches: one process, and two (--multi_gpu picks torchrun; without GPUs the ranks use the CPU
-# and gloo), both with one intra-op thread per process: a matmul's last bits can depend on the thread count.
+# and gloo), both with one intra-op thread per process and MKL's strict reproducibility mode: a matmul's last
+# bits can depend on the thread count and on the alignment of its buffers, which differs between processes.
 ONE = ["--num_processes", "1", "--num_cpu_threads_per_process", "1"]
 TWO = ["--multi_gpu", "--num_processes", "2", "--num_cpu_threads_per_process", "1"]
 
 
 def _launch(launch: list[str], argv: list[str], **popen) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["MKL_CBWR"] = "AUTO,STRICT"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_machines", "1"]
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "recipes" / "score.py"), *argv]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, text=True, **popen)
