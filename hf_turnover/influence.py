@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .context import as_instance_ids
+from .distributed import shardable
 from .fingerprint import check_fingerprint, recorded_fingerprint
 from .inputs import (
     LossFn,
@@ -111,6 +112,7 @@ def predict(scorer: TurnoverScorer, inputs: dict[str, torch.Tensor]) -> torch.Te
         return logits_of(scorer.forward_fn(scorer.model, inputs)).float()
 
 
+@shardable
 def estimate_influence(
     model: nn.Module,
     train_dataset: datasets.Dataset | None,
@@ -223,6 +225,7 @@ def _arguments(model: nn.Module, scorer: TurnoverScorer, kind: str, ids: torch.T
     }
 
 
+@shardable
 def mean_influence(
     model: nn.Module,
     train_dataset: datasets.Dataset | None,
@@ -262,6 +265,7 @@ def mean_influence(
     )
 
 
+@shardable
 def self_influence(
     model: nn.Module,
     train_dataset: datasets.Dataset,

@@ -40,6 +40,7 @@ from transformers.utils import cached_file, logging
 from .atomic import atomic_copy
 from .config import TurnoverConfig
 from .context import turnover_context
+from .distributed import shardable  # noqa: F401
 from .fingerprint import training_fingerprint  # noqa: F401
 from .influence import estimate_influence, mean_influence, self_influence
 from .inputs import per_row_loss  # noqa: F401

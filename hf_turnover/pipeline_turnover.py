@@ -30,6 +30,7 @@ from transformers.utils import cached_file, logging
 from .atomic import atomic_directory
 from .config import TurnoverConfig  # noqa: F401
 from .context import turnover_context  # noqa: F401
+from .distributed import shardable  # noqa: F401
 from .explain import explain_prediction
 from .fingerprint import check_fingerprint, recorded_fingerprint, training_fingerprint
 from .influence import estimate_influence  # noqa: F401
