@@ -45,7 +45,7 @@ class SpeedArguments:
     rounds: int = field(default=5, metadata={"help": "Interleaved rounds (medians)."})
     exact_rounds: int = field(default=1, metadata={"help": "Rounds of the exact engine (slow)."})
     train_widths: str = field(
-        default="6144,8192,16384", metadata={"help": "Wide adapters timed in training."}
+        default="1536,6144,16384", metadata={"help": "Wide adapters timed in training."}
     )
     train_steps: int = field(default=6, metadata={"help": "Training steps timed per set-up and round."})
     batch_size: int = field(default=32, metadata={"help": "Training batch size."})
