@@ -6,8 +6,9 @@ in the same process, plus how varied the explanations are.
 Queries are held-out Rotten Tomatoes test sentences (the default model never trained on them). Each query is
 explained with ``top_k=5`` against the whole training set, once per method, alternating methods query by query so
 that load from other processes hits both alike. Stages are timed by wrapping the functions the pipeline calls:
-tokenizing (``preprocess``), the prediction forward (``explain.predict``), choosing candidates and reading the
-training ids, scoring (``scorer.score``: exact forwards, or the linear backward pass and mask-table product),
+tokenizing (``preprocess``), the prediction forward (``explain.predict``; linear: the forward and backward pass
+that gives the prediction and the mask gradients), choosing candidates and reading the training ids, scoring
+(``scorer.score``: the exact forwards; linear: the product with the mask table),
 and the rest (top-k, looking up the texts, postprocessing). The first call of each method (probes, the mask
 table) is timed apart as "first call". Also reported, per method: the distinct training sentences over all
 queries' top-5 helpful lists, and the identical-class rate (the top helpful sentence carries the predicted label).
@@ -72,6 +73,9 @@ def main() -> None:
     for method in methods:
         scorer = pipe._scorer(method, None)
         timer.wrap(scorer, "score", "scoring")
+        if hasattr(scorer, "logits_and_gradients"):  # linear: prediction and mask gradients in one pass
+            timer.wrap(scorer, "logits_and_gradients", "forward")
+            timer.wrap(scorer, "scores_from_gradients", "scoring")
     queries = list(load_bundled_dataset("rotten_tomatoes")["test"]["sentence"])[: args.num_queries]
     first, totals, stages, outputs = {}, defaultdict(list), defaultdict(lambda: defaultdict(list)), {}
     for method in methods:  # first calls: probes and mask tables

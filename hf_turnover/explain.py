@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .influence import predict, training_ids
-from .inputs import label_column, model_input_names, python_format, to_batch
+from .inputs import integer_column, label_column, model_input_names, python_format, to_batch
 from .linear import LinearScorer, make_scorer
 from .scorer import TurnoverScorer
 from .training_set import TEXT_COLUMNS
@@ -105,4 +105,7 @@ def _candidates(train_dataset: datasets.Dataset, labels: str | None, label: int 
         return torch.arange(len(train_dataset))
     if labels is None:
         raise ValueError("restrict_to_label needs a label column in train_dataset (labels or label).")
-    return torch.tensor([i for i, y in enumerate(train_dataset[labels]) if y == label], dtype=torch.long)
+    values = integer_column(train_dataset, labels)
+    if isinstance(values, torch.Tensor):
+        return torch.nonzero(values == label).flatten()
+    return torch.tensor([i for i, y in enumerate(values) if y == label], dtype=torch.long)

@@ -25,6 +25,7 @@ from .distributed import shardable
 from .fingerprint import check_fingerprint, recorded_fingerprint
 from .inputs import (
     LossFn,
+    integer_column,
     label_column,
     logits_of,
     model_input_names,
@@ -65,7 +66,7 @@ def training_ids(
     if train_ids is None:
         if train_dataset is None:
             raise ValueError("Pass train_dataset (the training set) or train_ids (the ids to score).")
-        train_ids = train_dataset[id_column]
+        train_ids = integer_column(train_dataset, id_column)
     ids = as_instance_ids(
         list(train_ids) if not isinstance(train_ids, torch.Tensor) else train_ids, id_column
     )

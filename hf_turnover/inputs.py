@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -79,6 +80,16 @@ def logits_of(output: Any) -> torch.Tensor:
 def python_format(dataset: datasets.Dataset) -> datasets.Dataset:
     """The dataset read as Python values whatever its format (torch/numpy formats return ids as tensors)."""
     return dataset.with_format(None) if dataset.format["type"] is not None else dataset
+
+
+def integer_column(dataset: datasets.Dataset, name: str) -> torch.Tensor | list:
+    """An integer column as an int64 tensor, read through Arrow (no Python objects per row); any other column
+    as the Python list, for the caller's own checks and messages."""
+    # ``dataset[name]`` is a lazy Column in datasets >= 4 that reads row by row; a formatted slice reads Arrow.
+    values = dataset.with_format("numpy", columns=[name])[:][name]
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
+        return torch.from_numpy(values.astype(np.int64, copy=False))
+    return python_format(dataset)[:][name]
 
 
 def padded_batches(
