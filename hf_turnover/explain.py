@@ -60,10 +60,10 @@ def explain_prediction(
     probabilities = logits.softmax(-1)[0]
     predicted = int(probabilities.argmax())
     labels = label_column(train_dataset.column_names)
+    all_ids, label_values = _training_columns(scorer, train_dataset, labels, check_fingerprint)
     candidates = _candidates(
-        train_dataset, labels, predicted if restrict_to_label is True else restrict_to_label
+        train_dataset, labels, predicted if restrict_to_label is True else restrict_to_label, label_values
     )
-    all_ids = training_ids(model, train_dataset, None, check_fingerprint)
     ids = all_ids[candidates]
     if ids.numel() == 0:
         raise ValueError(
@@ -99,13 +99,31 @@ def explain_prediction(
     }
 
 
-def _candidates(train_dataset: datasets.Dataset, labels: str | None, label: int | None) -> torch.Tensor:
+def _training_columns(
+    scorer: TurnoverScorer, train_dataset: datasets.Dataset, labels: str | None, check: bool
+) -> tuple[torch.Tensor, torch.Tensor | list | None]:
+    """The training ids and labels, kept on the scorer for the dataset they were read from (explaining many
+    targets against one training set reads them once; ``datasets`` gives every changed dataset a new
+    fingerprint)."""
+    key = (getattr(train_dataset, "_fingerprint", None), len(train_dataset), labels)
+    cached = getattr(scorer, "_training_columns", None)
+    if cached is not None and key[0] is not None and cached[0] == key and (cached[3] or not check):
+        return cached[1], cached[2]
+    ids = training_ids(scorer.model, train_dataset, None, check)
+    values = integer_column(train_dataset, labels) if labels else None
+    scorer._training_columns = (key, ids, values, check)
+    return ids, values
+
+
+def _candidates(
+    train_dataset: datasets.Dataset, labels: str | None, label: int | None, values=None
+) -> torch.Tensor:
     """Row indices of the training instances to consider."""
     if label is None or label is False:
         return torch.arange(len(train_dataset))
     if labels is None:
         raise ValueError("restrict_to_label needs a label column in train_dataset (labels or label).")
-    values = integer_column(train_dataset, labels)
+    values = integer_column(train_dataset, labels) if values is None else values
     if isinstance(values, torch.Tensor):
         return torch.nonzero(values == label).flatten()
     return torch.tensor([i for i, y in enumerate(values) if y == label], dtype=torch.long)

@@ -173,3 +173,21 @@ def test_unknown_method_names_the_choices():
     with pytest.raises(ValueError, match="method='fast'.*'exact'.*'linear'"):
         estimate_influence(model, None, [make_token_dataset(1)[0]], train_ids=[1], method="fast",
                            check_fingerprint=False)  # fmt: skip
+
+
+def test_explanations_read_the_training_columns_once_per_dataset(monkeypatch):
+    import hf_turnover.explain as explain
+
+    model = make_tiny_bert()
+    train = make_token_dataset(16, seed=1)
+    scorer = make_scorer(model, "linear")
+    reads = []
+    original = explain.training_ids
+    monkeypatch.setattr(explain, "training_ids", lambda *a, **k: reads.append(1) or original(*a, **k))
+    target = make_token_dataset(1, seed=2)[0]
+    first = explain_prediction(model, train, target, scorer=scorer, check_fingerprint=False)
+    assert explain_prediction(model, train, target, scorer=scorer, check_fingerprint=False) == first
+    assert len(reads) == 1
+    changed = train.map(lambda r: {"labels": 1 - r["labels"]})  # a new dataset: read again
+    explain_prediction(model, changed, target, scorer=scorer, restrict_to_label=True, check_fingerprint=False)
+    assert len(reads) == 2
