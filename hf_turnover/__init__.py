@@ -4,7 +4,7 @@ from .config import TurnoverArguments, TurnoverConfig
 from .context import turnover_context
 from .curves import LearningCurveCallback
 from .evaluation import load_faithfulness_metric, random_half_subsets, score_matrix
-from .explain import explain_prediction
+from .explain import explain_prediction, explain_predictions
 from .fingerprint import training_fingerprint
 from .hub import push_turnover_model, register_with_transformers, save_turnover_model
 from .influence import estimate_influence, mean_influence, self_influence
@@ -44,6 +44,7 @@ __all__ = [
     "combine_scores",
     "estimate_influence",
     "explain_prediction",
+    "explain_predictions",
     "load_scores",
     "load_training_set",
     "mean_influence",

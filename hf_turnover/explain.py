@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import datasets
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .influence import predict, training_ids
-from .inputs import integer_column, label_column, model_input_names, python_format, to_batch
+from .inputs import integer_column, label_column, model_input_names, pad_rows, python_format, to_batch
 from .linear import LinearScorer, make_scorer
 from .scorer import TurnoverScorer
 from .training_set import TEXT_COLUMNS
@@ -53,11 +53,76 @@ def explain_prediction(
         )
     train_dataset = python_format(train_dataset)
     inputs = to_batch([target], model_input_names(model), scorer.device)
+    options = {"top_k": top_k, "restrict_to_label": restrict_to_label, "text_column": text_column}
     if isinstance(scorer, LinearScorer):  # the prediction and the mask gradients from one pass
-        logits, grads = scorer.logits_and_gradients(inputs)
-    else:
-        logits, grads = predict(scorer, inputs), None
-    probabilities = logits.softmax(-1)[0]
+        logits, scores = _linear_pass(scorer, train_dataset, inputs, check_fingerprint)
+        return _explain(scorer, train_dataset, target, None, logits[0], scores[0], False, **options)
+    logits = predict(scorer, inputs)
+    return _explain(scorer, train_dataset, target, inputs, logits[0], None, check_fingerprint, **options)
+
+
+def explain_predictions(
+    model: nn.Module,
+    train_dataset: datasets.Dataset,
+    targets: Sequence[Mapping[str, Any]],
+    *,
+    batch_size: int = 16,
+    scorer: TurnoverScorer | None = None,
+    method: str = "exact",
+    check_fingerprint: bool = True,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """:func:`explain_prediction` for several targets; with ``method="linear"`` (or a linear ``scorer``) the
+    targets run ``batch_size`` at a time, padded, through one forward and backward pass and one product with
+    the mask table, so the fixed work is shared. ``options``: ``top_k``, ``restrict_to_label``,
+    ``text_column``."""
+    scorer = scorer or make_scorer(model, method)
+    if not isinstance(scorer, LinearScorer):
+        return [
+            explain_prediction(
+                model, train_dataset, t, scorer=scorer, check_fingerprint=check_fingerprint, **options
+            )  # fmt: skip
+            for t in targets
+        ]
+    train_dataset = python_format(train_dataset)
+    names = model_input_names(model)
+    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+    out = []
+    for start in range(0, len(targets), batch_size):
+        chunk = list(targets[start : start + batch_size])
+        inputs = to_batch(pad_rows(chunk, names, pad_id), names, scorer.device)
+        logits, scores = _linear_pass(scorer, train_dataset, inputs, check_fingerprint and not out)
+        for row, target in enumerate(chunk):
+            out.append(
+                _explain(scorer, train_dataset, target, None, logits[row], scores[row], False, **options)
+            )
+    return out
+
+
+def _linear_pass(
+    scorer: LinearScorer, train_dataset: datasets.Dataset, inputs: dict[str, torch.Tensor], check: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B, C) and linearized scores of every training id (B, N) for the predicted labels of a batch."""
+    all_ids, _ = _training_columns(scorer, train_dataset, label_column(train_dataset.column_names), check)
+    logits, grads = scorer.logits_and_gradients(inputs)
+    return logits, scorer.scores_from_gradients(grads, all_ids).cpu()
+
+
+def _explain(
+    scorer: TurnoverScorer,
+    train_dataset: datasets.Dataset,
+    target: Mapping[str, Any],
+    inputs: dict[str, torch.Tensor] | None,
+    logits: torch.Tensor,
+    linear_scores: torch.Tensor | None,
+    check_fingerprint: bool,
+    top_k: int = 5,
+    restrict_to_label: bool | int | None = None,
+    text_column: str | None = None,
+) -> dict[str, Any]:
+    """The explanation of one target from its logits (C,) and, for the linear scorer, the scores of every
+    training id (N,); the exact scorer scores the candidates here, from ``inputs``."""
+    probabilities = logits.softmax(-1)
     predicted = int(probabilities.argmax())
     labels = label_column(train_dataset.column_names)
     all_ids, label_values = _training_columns(scorer, train_dataset, labels, check_fingerprint)
@@ -69,8 +134,8 @@ def explain_prediction(
         raise ValueError(
             f"No training instance carries label {restrict_to_label!r}: nothing to explain with."
         )
-    if grads is not None:  # one mask table for the whole training set, whatever the candidates
-        scores = scorer.scores_from_gradients(grads, all_ids)[0].cpu()[candidates]
+    if linear_scores is not None:  # one mask table for the whole training set, whatever the candidates
+        scores = linear_scores[candidates]
         scorer._warn_if_unmasked(scores)
     else:
         scores = scorer.score(inputs, torch.tensor([predicted], device=scorer.device), ids)

@@ -31,7 +31,7 @@ from .atomic import atomic_directory
 from .config import TurnoverConfig  # noqa: F401
 from .context import turnover_context  # noqa: F401
 from .distributed import shardable  # noqa: F401
-from .explain import explain_prediction
+from .explain import explain_prediction, explain_predictions
 from .fingerprint import check_fingerprint, recorded_fingerprint, training_fingerprint
 from .influence import estimate_influence  # noqa: F401
 from .inputs import per_row_loss  # noqa: F401
@@ -143,8 +143,27 @@ class InfluencePipeline(Pipeline):
         # Pipeline.__call__ would batch the inputs with batch_size; here it counts training instances.
         if "batch_size" in kwargs:
             kwargs["scoring_batch_size"] = kwargs.pop("batch_size")
+        preprocess, forward, _ = self._sanitize_parameters(**kwargs)
+        forward = {**self._forward_params, **forward}
+        if forward.get("method") == "linear" and len(texts) > 1:
+            return self._explain_linear_batch(list(texts), {**self._preprocess_params, **preprocess}, forward)
         outputs = super().__call__(list(texts), batch_size=1, **kwargs)
         return outputs[0] if isinstance(inputs, str) else outputs
+
+    def _explain_linear_batch(self, texts: list[str], preprocess: dict, forward: dict) -> list[dict]:
+        """A list of texts with ``method="linear"``: padded batches share one forward and backward pass and one
+        product with the mask table (see :func:`~hf_turnover.explain.explain_predictions`)."""
+        prepared = [self.preprocess(text, **preprocess) for text in texts]
+        targets = [{k: v[0].tolist() for k, v in p["inputs"].items()} for p in prepared]
+        restrict = forward.get("restrict_to_label")
+        explanations = explain_predictions(
+            self.model, self.train_dataset, targets, top_k=forward.get("top_k", 5), restrict_to_label=restrict,
+            check_fingerprint=False, scorer=self._scorer("linear", forward.get("batch_size") or self.scoring_batch_size),
+        )  # fmt: skip
+        return [
+            self.postprocess({**e, "truncated": p["truncated"], "restricted": restrict})
+            for e, p in zip(explanations, prepared, strict=True)
+        ]
 
     def preprocess(self, text: str, max_length: int | None = None) -> dict[str, Any]:
         limit = max_length or _max_length(self.model, self.tokenizer)

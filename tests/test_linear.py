@@ -191,3 +191,25 @@ def test_explanations_read_the_training_columns_once_per_dataset(monkeypatch):
     changed = train.map(lambda r: {"labels": 1 - r["labels"]})  # a new dataset: read again
     explain_prediction(model, changed, target, scorer=scorer, restrict_to_label=True, check_fingerprint=False)
     assert len(reads) == 2
+
+
+@pytest.mark.parametrize("method", ["exact", "linear"])
+def test_explain_predictions_equals_one_at_a_time(method):
+    from hf_turnover import explain_predictions
+
+    model = make_tiny_bert()
+    train = make_token_dataset(12, seed=1)
+    targets = [dict(row) for row in make_token_dataset(3, seed=2, length=6)]
+    targets[1] = {
+        k: (v[:4] if isinstance(v, list) else v) for k, v in targets[1].items()
+    }  # padding in a batch
+    together = explain_predictions(model, train, targets, method=method, batch_size=2, top_k=3)
+    for target, out in zip(targets, together, strict=True):
+        alone = explain_prediction(model, train, target, method=method, top_k=3)
+        assert [h["train_id"] for h in out["helpful"]] == [h["train_id"] for h in alone["helpful"]]
+        np.testing.assert_allclose(
+            [h["score"] for h in out["helpful"] + out["harmful"]],
+            [h["score"] for h in alone["helpful"] + alone["harmful"]],
+            rtol=1e-4,
+            atol=1e-6,
+        )

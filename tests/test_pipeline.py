@@ -252,3 +252,19 @@ def test_each_input_is_tokenized_once(trained, monkeypatch):
     long_text = " ".join(["w1 w2 w13"] * 40)
     outputs = pipe(["w1 w2 w3", long_text], top_k=1)
     assert len(calls) == 2 and [o["truncated"] for o in outputs] == [False, True]
+
+
+@pytest.mark.parametrize("restrict", [None, True])
+def test_linear_list_is_batched_and_equals_one_by_one(trained, restrict, monkeypatch):
+    """A list with method="linear" shares one forward and backward pass per padded batch; the explanations
+    equal those of the texts one by one (to float rounding: padding changes the summation order)."""
+    pipe, _, _ = trained
+    texts = ["w1 w2 w3", "w12 w14 w16 w2 w7 w7", "w5"]
+    alone = [pipe(text, top_k=3, method="linear", restrict_to_label=restrict) for text in texts]
+    scorer = pipe._scorer("linear", None)
+    passes = []
+    original = scorer.logits_and_gradients
+    monkeypatch.setattr(scorer, "logits_and_gradients", lambda *a, **k: passes.append(1) or original(*a, **k))
+    together = pipe(texts, top_k=3, method="linear", restrict_to_label=restrict)
+    assert len(passes) == 1
+    assert_close(together, alone, tol=1e-5)
