@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .inputs import label_column, padded_batches, python_format
+from .inputs import padded_batches
 from .linear import LinearScorer, make_scorer
 from .results import scores_dataset
 from .scorer import TurnoverScorer
@@ -186,14 +186,9 @@ def estimate_influence(state: Any, model, train_dataset, targets, **options: Any
 
 def mean_influence(state: Any, model, train_dataset, targets, *, progress=None, **kwargs: Any):
     """:func:`hf_turnover.mean_influence` over the processes of ``state``."""
-    from .influence import _arguments, _target_rows, _TargetPrep, training_ids
+    from .influence import _arguments, mean_influence_setup
 
-    check = kwargs.pop("check_fingerprint", True)
-    train_ids = kwargs.pop("train_ids", None)
-    scorer = make_scorer(model, kwargs.pop("method", "exact"), **kwargs)
-    ids = training_ids(model, train_dataset, train_ids, check)
-    rows = _target_rows(targets)
-    prep = _TargetPrep(scorer, scorer.config.id_column)
+    scorer, ids, rows, prep = mean_influence_setup(model, train_dataset, targets, kwargs)
     start, stop = shard_range(len(ids), state.process_index, state.num_processes)
     bar = _bar(state, progress, total=len(rows), desc="Mean influence")
     if isinstance(scorer, LinearScorer):
@@ -222,16 +217,9 @@ def mean_influence(state: Any, model, train_dataset, targets, *, progress=None, 
 
 def self_influence(state: Any, model, train_dataset, *, batch_size=64, progress=None, **kwargs: Any):
     """:func:`hf_turnover.self_influence` over the processes of ``state``: shards are whole batches."""
-    from .influence import _arguments, training_ids
+    from .influence import _arguments, self_influence_setup
 
-    check = kwargs.pop("check_fingerprint", True)
-    scorer = make_scorer(model, kwargs.pop("method", "exact"), **kwargs)
-    train_dataset = python_format(train_dataset)
-    ids = training_ids(model, train_dataset, None, check)
-    if label_column(train_dataset.column_names) is None:
-        raise ValueError(
-            f"Self-influence needs labels: train_dataset has no label column ({train_dataset.column_names})."
-        )
+    scorer, train_dataset, ids = self_influence_setup(model, train_dataset, kwargs)
     start, stop = shard_range(len(ids), state.process_index, state.num_processes, unit=batch_size)
     scores = torch.empty(stop - start)
     shard = train_dataset.select(range(start, stop))

@@ -242,12 +242,7 @@ def mean_influence(
     With ``method="linear"`` the mean of the linearized scores is the linearized score of the mean mask
     gradient: one product with the mask bits for the whole set.
     """
-    check = kwargs.pop("check_fingerprint", True)
-    train_ids = kwargs.pop("train_ids", None)
-    scorer = make_scorer(model, kwargs.pop("method", "exact"), **kwargs)
-    ids = training_ids(model, train_dataset, train_ids, check)
-    rows = _target_rows(targets)
-    prep = _TargetPrep(scorer, scorer.config.id_column)
+    scorer, ids, rows, prep = mean_influence_setup(model, train_dataset, targets, kwargs)
     bar = tqdm(rows, desc="Mean influence", disable=not _show_progress(progress))
     if isinstance(scorer, LinearScorer):
         grads: dict[str, torch.Tensor] = {}
@@ -283,14 +278,7 @@ def self_influence(
     (``method="linear"``: one forward and backward pass of the full network, first order in the masks); other
     keyword arguments go to :class:`~hf_turnover.scorer.TurnoverScorer`.
     """
-    check = kwargs.pop("check_fingerprint", True)
-    scorer = make_scorer(model, kwargs.pop("method", "exact"), **kwargs)
-    train_dataset = python_format(train_dataset)
-    ids = training_ids(model, train_dataset, None, check)
-    if label_column(train_dataset.column_names) is None:
-        raise ValueError(
-            f"Self-influence needs labels: train_dataset has no label column ({train_dataset.column_names})."
-        )
+    scorer, train_dataset, ids = self_influence_setup(model, train_dataset, kwargs)
     scores = torch.empty(len(ids))
     batches = padded_batches(train_dataset, model, batch_size, scorer.device)
     start = 0
@@ -305,3 +293,32 @@ def self_influence(
     return scores_dataset(
         {"train_id": ids.numpy(), "score": scores.numpy()}, _arguments(model, scorer, "self_influence", ids)
     )
+
+
+def self_influence_setup(
+    model: nn.Module, train_dataset: datasets.Dataset, kwargs: dict[str, Any]
+) -> tuple[TurnoverScorer, datasets.Dataset, torch.Tensor]:
+    """The scorer (``kwargs``: ``method``, ``check_fingerprint`` and scorer options), the training set in Python
+    format and its ids, for self-influence in one process or across several."""
+    check = kwargs.pop("check_fingerprint", True)
+    scorer = make_scorer(model, kwargs.pop("method", "exact"), **kwargs)
+    train_dataset = python_format(train_dataset)
+    ids = training_ids(model, train_dataset, None, check)
+    if label_column(train_dataset.column_names) is None:
+        raise ValueError(
+            f"Self-influence needs labels: train_dataset has no label column ({train_dataset.column_names})."
+        )
+    return scorer, train_dataset, ids
+
+
+def mean_influence_setup(
+    model: nn.Module, train_dataset: datasets.Dataset | None, targets: Targets, kwargs: dict[str, Any]
+) -> tuple[TurnoverScorer, torch.Tensor, list[dict[str, Any]], _TargetPrep]:
+    """The scorer (``kwargs``: ``method``, ``check_fingerprint``, ``train_ids`` and scorer options), the ids, the
+    target rows and their preparation, for mean influence in one process or across several."""
+    check = kwargs.pop("check_fingerprint", True)
+    train_ids = kwargs.pop("train_ids", None)
+    scorer = make_scorer(model, kwargs.pop("method", "exact"), **kwargs)
+    ids = training_ids(model, train_dataset, train_ids, check)
+    rows = _target_rows(targets)
+    return scorer, ids, rows, _TargetPrep(scorer, scorer.config.id_column)

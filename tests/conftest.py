@@ -76,6 +76,16 @@ def make_token_dataset(
 THREADS = torch.get_num_threads()  # before any test: module fixtures may run benchmark drivers first
 
 
+def make_train_and_targets() -> tuple[datasets.Dataset, datasets.Dataset]:
+    """24 training rows and 3 targets with ids; target 0 is padded, so the attention mask must broadcast too."""
+    train = make_token_dataset(24, seed=1)
+    targets = make_token_dataset(3, seed=2).map(lambda r, i: {"instance_id": i}, with_indices=True)
+    targets = targets.map(
+        lambda r, i: {"attention_mask": [1] * 6 + [0] * 2} if i == 0 else {}, with_indices=True
+    )
+    return train, targets
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """The benchmark drivers set torch's thread count; a later test comparing in-process scores with a fresh

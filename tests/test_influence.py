@@ -5,7 +5,7 @@ import os
 import datasets
 import pytest
 import torch
-from conftest import make_tiny_bert, make_token_dataset
+from conftest import make_tiny_bert, make_train_and_targets
 from torch import nn
 
 from hf_turnover import (
@@ -50,13 +50,7 @@ def _scores(result, target_id):
 
 @pytest.fixture(scope="module")
 def setup():
-    train = make_token_dataset(24, seed=1)
-    targets = make_token_dataset(3, seed=2).map(lambda r, i: {"instance_id": i}, with_indices=True)
-    # Padding in a target: the attention mask must broadcast too.
-    targets = targets.map(
-        lambda r, i: {"attention_mask": [1] * 6 + [0] * 2} if i == 0 else {}, with_indices=True
-    )
-    return train, targets
+    return make_train_and_targets()
 
 
 @pytest.mark.parametrize("config", [TurnoverConfig(), TOP_ONLY], ids=["all_adapters", "top_layer"])

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_tiny_bert, make_token_dataset
+from conftest import make_tiny_bert, make_token_dataset, make_train_and_targets
 
 from hf_turnover import estimate_influence, mean_influence, self_influence, training_fingerprint
 from hf_turnover.scoring_run import ScoringRun, load_run
@@ -12,12 +12,7 @@ from hf_turnover.scoring_run import ScoringRun, load_run
 
 @pytest.fixture(scope="module")
 def setup():
-    train = make_token_dataset(24, seed=1)
-    targets = make_token_dataset(3, seed=2).map(lambda r, i: {"instance_id": i}, with_indices=True)
-    targets = targets.map(
-        lambda r, i: {"attention_mask": [1] * 6 + [0] * 2} if i == 0 else {}, with_indices=True
-    )
-    return make_tiny_bert(), train, targets
+    return make_tiny_bert(), *make_train_and_targets()
 
 
 def _columns(scores, sort=False):
