@@ -89,7 +89,7 @@ def integer_column(dataset: datasets.Dataset, name: str) -> torch.Tensor | list:
     values = dataset.with_format("numpy", columns=[name])[:][name]
     if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
         return torch.from_numpy(values.astype(np.int64, copy=False))
-    return python_format(dataset)[:][name]
+    return dataset.with_format(None, columns=[name])[:][name]
 
 
 def padded_batches(

@@ -214,7 +214,6 @@ class LinearScorer(TurnoverScorer):
 def make_scorer(model: nn.Module, method: str = "exact", **kwargs: Any) -> TurnoverScorer:
     """A :class:`TurnoverScorer` (``method="exact"``) or :class:`LinearScorer` (``"linear"``) of ``model``."""
     if check_method(method) == "linear":
-        kwargs.pop("reuse_prefix", None)
         return LinearScorer(model, **kwargs)
     return TurnoverScorer(model, **kwargs)
 

@@ -208,8 +208,8 @@ class InfluencePipeline(Pipeline):
 
     def _scorer(self, method: str, batch_size: int | None) -> TurnoverScorer:
         """One scorer per (method, batch size), kept across calls: the model is probed once and the linear
-        scorer keeps the training set's mask table."""
-        key = (method, batch_size)
+        scorer keeps the training set's mask table (one for every batch size: it runs no id batches)."""
+        key = (method, batch_size if method == "exact" else None)
         if key not in self._scorers:
             self._scorers[key] = make_scorer(self.model, method, batch_size=batch_size)
         return self._scorers[key]

@@ -268,3 +268,9 @@ def test_linear_list_is_batched_and_equals_one_by_one(trained, restrict, monkeyp
     together = pipe(texts, top_k=3, method="linear", restrict_to_label=restrict)
     assert len(passes) == 1
     assert_close(together, alone, tol=1e-5)
+
+
+def test_linear_scorer_and_its_mask_table_are_shared_across_batch_sizes(trained):
+    pipe, _, _ = trained
+    assert pipe._scorer("linear", 8) is pipe._scorer("linear", None)
+    assert pipe._scorer("exact", 8) is not pipe._scorer("exact", None)
