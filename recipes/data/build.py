@@ -16,6 +16,9 @@ which holds the human-rated sentences of Hutto & Gilbert (2014) as tab-separated
 - `amazon_electronics/{validation,test}.parquet`: the product review sentences of Hu & Liu (2004). Split by
   review: whole reviews go to validation until it holds exactly `--amazon_validation_sentences` sentences.
 
+Every split is shuffled once, seeded (the source files are ordered by label and by review), so its first n rows
+are a fair sample: `select(range(n))` gives both labels in about the split's proportion.
+
 Label rule: 1 (positive) if the mean rating is > 0, 0 (negative) if < 0; sentences rated exactly 0 are dropped.
 The output is deterministic: running the script twice writes byte-identical files. Row counts, label balance,
 license and citations: `hf_turnover/resources/data/README.md`.
@@ -111,7 +114,8 @@ def to_dataset(rows: list[dict], extra_features: dict | None = None) -> Dataset:
 
 
 def split_rotten_tomatoes(rows: list[dict], seed: int) -> dict[str, Dataset]:
-    """80/10/10 by a seeded permutation; each split keeps the source order and gets 0-based instance ids."""
+    """80/10/10 by a seeded permutation; each split's rows come in the permutation's (random) order and get
+    0-based instance ids."""
     permutation = np.random.default_rng(seed).permutation(len(rows))
     n_held_out = round(0.1 * len(rows))
     parts = {
@@ -119,7 +123,7 @@ def split_rotten_tomatoes(rows: list[dict], seed: int) -> dict[str, Dataset]:
         "validation": permutation[:n_held_out],
         "test": permutation[n_held_out : 2 * n_held_out],
     }
-    return {split: to_dataset([rows[i] for i in sorted(index)]) for split, index in parts.items()}
+    return {split: to_dataset([rows[i] for i in index]) for split, index in parts.items()}
 
 
 def split_amazon(rows: list[dict], seed: int, validation_sentences: int) -> dict[str, Dataset]:
@@ -139,10 +143,16 @@ def split_amazon(rows: list[dict], seed: int, validation_sentences: int) -> dict
             break
     if total != validation_sentences:
         raise ValueError(f"Could not fill validation with whole reviews: {total} != {validation_sentences}.")
+    splits = {
+        "validation": [r for r in rows if r["review_id"] in validation_reviews],
+        "test": [r for r in rows if r["review_id"] not in validation_reviews],
+    }
+    # Shuffle the sentences of each split (seeded; a separate stream, so the review split above is unchanged).
+    shuffle = np.random.default_rng([seed, 1])
     extra = {"review_id": Value("string")}
     return {
-        "validation": to_dataset([r for r in rows if r["review_id"] in validation_reviews], extra),
-        "test": to_dataset([r for r in rows if r["review_id"] not in validation_reviews], extra),
+        name: to_dataset([split_rows[i] for i in shuffle.permutation(len(split_rows))], extra)
+        for name, split_rows in splits.items()
     }
 
 
