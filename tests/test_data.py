@@ -1,5 +1,8 @@
 """The bundled offline data and metric: shapes, labels, ids and the review-level Amazon split."""
 
+import json
+
+import numpy as np
 import pytest
 
 from hf_turnover.data import BUNDLED_DATASETS, load_bundled_dataset, load_metric, load_text_classification
@@ -75,3 +78,26 @@ def test_accuracy_metric(kwargs, expected):
     metric = load_metric("accuracy")
     result = metric.compute(references=[0, 1, 2, 0, 1, 2], predictions=[0, 1, 1, 2, 1, 0], **kwargs)
     assert result == {"accuracy": pytest.approx(expected)}
+
+
+def test_first_rows_are_a_fair_sample():
+    """The splits are shuffled when built: the first rows hold both labels in about the split's proportion."""
+    for name, split in (("rotten_tomatoes", "train"), ("amazon_electronics", "test")):
+        labels = np.asarray(load_bundled_dataset(name)[split].with_format("numpy")["label"])
+        head = labels[:1000].mean()
+        assert abs(head - labels.mean()) < 0.05, (name, split, head, labels.mean())
+
+
+def test_model_referencing_rebuilt_bundled_rows_gets_a_clear_error():
+    """The default model exported before the splits were shuffled references rows that now hold other
+    sentences: loading its training set names the changed package file and the ways out."""
+    from pathlib import Path
+
+    from hf_turnover.training_set import load_training_set
+
+    old = Path(__file__).parent / "fixtures" / "default_model_before_shuffle"
+    recorded = json.loads((old / "training_set.json").read_text())["fingerprint"]
+    with pytest.raises(ValueError, match="changed since the model was made") as error:
+        load_training_set(old, recorded)
+    assert "resources/data/rotten_tomatoes/train.parquet" in str(error.value)
+    assert "train_dataset=" in str(error.value)
