@@ -274,9 +274,29 @@ def test_wide_adapter_has_exactly_the_requested_units_in_the_top_layer_only(widt
     assert next(iter(downs.values()))[0].out_features == width
 
 
+def test_wide_adapter_lower_layers_get_their_own_width():
+    import adapters
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(
+        BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2)
+    )
+    adapters.init(model)
+    model.add_adapter("task", config=wide_adapter_config(model.config, 70, 2, lower_width=9))
+    widths = {n: m[0].out_features for n, m in model.named_modules() if n.endswith("adapter_down")}
+    assert widths == {
+        "bert.encoder.layer.1.output.adapters.task.adapter_down": 9,
+        "bert.encoder.layer.2.output.adapters.task.adapter_down": 70,
+    }
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"width": 0}, "width must be a positive int"), ({"top_layers": 3}, r"top_layers must .* \[1, 2\]")],
+    [
+        ({"width": 0}, "width must be a positive int"),
+        ({"lower_width": 2.5}, "lower_width must be a positive int"),
+        ({"top_layers": 3}, r"top_layers must .* \[1, 2\]"),
+    ],
 )
 def test_wide_adapter_config_names_bad_values(kwargs, match):
     from transformers import BertConfig
