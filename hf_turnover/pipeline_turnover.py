@@ -48,6 +48,7 @@ from .training_set import INFO_FILE, load_training_set, save_training_set
 logger = logging.get_logger(__name__)
 
 TASK = "turnover-influence"
+DEFAULT_METHOD = "linear"  # exact scoring is a call argument away: pipe(text, method="exact")
 CUSTOM_PIPELINE = {
     "impl": "pipeline_turnover.InfluencePipeline",
     "pt": ("AutoModelForSequenceClassification",),
@@ -65,8 +66,10 @@ class InfluencePipeline(Pipeline):
     i.e. for a wrong prediction the paper's "influential instances with the error label"; or a label id or
     name), ``batch_size`` (training instances per forward pass; default: sized to the input and device),
     ``max_length`` (tokens; longer texts are truncated and the output says ``"truncated": True``),
-    ``method`` (``"exact"``: own and flipped forward passes, the paper; ``"linear"``: first order in the masks,
-    one backward pass per text and a product with the training set's cached mask bits).
+    ``method`` (``"linear"``, the default: first order in the masks, one forward and backward pass per text and
+    a product with the training set's cached mask bits, a few milliseconds against thousands of instances;
+    ``"exact"``: own and flipped forward passes for every instance, the paper's estimate, about 2N forwards of
+    the masked layers per text).
     Construction takes ``train_dataset`` when no training set travels with the model.
 
     Each output: ``{"prediction": {"label", "score"}, "helpful": [...], "harmful": [...], "truncated",
@@ -145,7 +148,7 @@ class InfluencePipeline(Pipeline):
             kwargs["scoring_batch_size"] = kwargs.pop("batch_size")
         preprocess, forward, _ = self._sanitize_parameters(**kwargs)
         forward = {**self._forward_params, **forward}
-        if forward.get("method") == "linear" and len(texts) > 1:
+        if forward.get("method", DEFAULT_METHOD) == "linear" and len(texts) > 1:
             return self._explain_linear_batch(list(texts), {**self._preprocess_params, **preprocess}, forward)
         outputs = super().__call__(list(texts), batch_size=1, **kwargs)
         return outputs[0] if isinstance(inputs, str) else outputs
@@ -191,7 +194,7 @@ class InfluencePipeline(Pipeline):
         top_k: int = 5,
         restrict_to_label=None,
         batch_size=None,
-        method="exact",
+        method=DEFAULT_METHOD,
     ):
         target = {name: tensor[0].tolist() for name, tensor in model_inputs["inputs"].items()}
         explanation = explain_prediction(

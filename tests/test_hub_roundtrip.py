@@ -51,8 +51,8 @@ from transformers import AutoModelForSequenceClassification, pipeline
 
 model_repo, pipe_repo, scores_repo, texts, target = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), json.loads(sys.argv[5])
 out = {"files": sorted(HfApi().list_repo_files(model_repo))}
-out["from_model_repo"] = pipeline(model=model_repo, trust_remote_code=True)(texts, top_k=3)
-out["from_pipe_repo"] = pipeline(model=pipe_repo, trust_remote_code=True)(texts, top_k=3, restrict_to_label=True)
+out["from_model_repo"] = pipeline(model=model_repo, trust_remote_code=True)(texts, top_k=3, method="exact")
+out["from_pipe_repo"] = pipeline(model=pipe_repo, trust_remote_code=True)(texts, top_k=3, restrict_to_label=True, method="exact")
 model = AutoModelForSequenceClassification.from_pretrained(model_repo, trust_remote_code=True)
 train = datasets.Dataset.from_parquet(hf_hub_download(model_repo, "training_set.parquet"))
 scores = model.estimate_influence(train, [target], progress=False)
@@ -76,7 +76,7 @@ try:
     out["without_token"] = "loaded"
 except Exception as error:
     out["without_token"] = type(error).__name__
-out["with_token"] = pipeline(model=model_repo, token=token, trust_remote_code=True)(texts, top_k=3)
+out["with_token"] = pipeline(model=model_repo, token=token, trust_remote_code=True)(texts, top_k=3, method="exact")
 print(json.dumps(out))
 """
 
@@ -107,7 +107,7 @@ def test_push_and_load_back_through_the_hub_double(local):
         no_token_env = {k: v for k, v in hub.client_env(tmp / "private_home").items() if k != "HF_TOKEN"}
         private = run_fresh(LOAD_PRIVATE, tmp, no_token_env, repos[0], DEFAULT_TOKEN, json.dumps(TEXTS))
     assert private["without_token"] in ("OSError", "RepositoryNotFoundError")
-    assert private["with_token"] == json.loads(json.dumps(pipe(TEXTS, top_k=3)))
+    assert private["with_token"] == json.loads(json.dumps(pipe(TEXTS, top_k=3, method="exact")))
     assert not out["hf_turnover_imported"]
     assert {
         "model.safetensors",
@@ -115,8 +115,10 @@ def test_push_and_load_back_through_the_hub_double(local):
         "pipeline_turnover.py",
         "training_set.parquet",
     } <= set(out["files"])
-    assert out["from_model_repo"] == json.loads(json.dumps(pipe(TEXTS, top_k=3)))
-    assert out["from_pipe_repo"] == json.loads(json.dumps(pipe(TEXTS, top_k=3, restrict_to_label=True)))
+    assert out["from_model_repo"] == json.loads(json.dumps(pipe(TEXTS, top_k=3, method="exact")))
+    assert out["from_pipe_repo"] == json.loads(
+        json.dumps(pipe(TEXTS, top_k=3, restrict_to_label=True, method="exact"))
+    )
     expected = dict(zip(map(str, scores["train_id"]), scores["score"], strict=True))
     assert out["scores"] == expected and out["pushed_scores"] == expected
     assert out["card_has_fingerprint"]
@@ -138,7 +140,7 @@ def test_push_to_a_real_private_repo(local):
         run_fresh(PUSH, tmp, env, str(tmp / "model"), *repos, str(tmp / "scores.parquet"), block=False)
         assert api.model_info(repos[0]).private
         out = run_fresh(LOAD, tmp, env, *repos, json.dumps(TEXTS), json.dumps(target))
-        assert out["from_model_repo"] == json.loads(json.dumps(pipe(TEXTS, top_k=3)))
+        assert out["from_model_repo"] == json.loads(json.dumps(pipe(TEXTS, top_k=3, method="exact")))
         assert out["scores"] == dict(zip(map(str, scores["train_id"]), scores["score"], strict=True))
     finally:
         for repo, kind in zip(repos, ("model", "model", "dataset"), strict=True):

@@ -21,8 +21,9 @@ FRESH_PIPELINE = """
 import json, sys
 from transformers import pipeline
 explain = pipeline(model=sys.argv[1], trust_remote_code=True)
-print(json.dumps([explain("w1 w2 w3", top_k=3), explain(["w12 w14", "w5 w6"], top_k=2, restrict_to_label=True),
-                  explain("w1 w2 w3", top_k=3, method="linear")]))
+print(json.dumps([explain("w1 w2 w3", top_k=3, method="exact"),
+                  explain(["w12 w14", "w5 w6"], top_k=2, restrict_to_label=True, method="exact"),
+                  explain("w1 w2 w3", top_k=3)]))
 """
 
 
@@ -68,11 +69,17 @@ def test_output_holds_prediction_and_ranked_instances(trained):
 
 def test_scores_are_the_engine_scores_for_the_predicted_label(trained):
     pipe, train, _ = trained
-    out = pipe("w1 w2 w3 w4", top_k=24)  # every training instance, ranked
+    out = pipe("w1 w2 w3 w4", top_k=24, method="exact")  # every training instance, ranked
     target = dict(pipe.tokenizer("w1 w2 w3 w4"), label=pipe.model.config.label2id[out["prediction"]["label"]])
     engine = estimate_influence(pipe.model, train, [target], progress=False)
     expected = dict(zip(engine["train_id"], engine["score"], strict=True))
     assert {i["id"]: i["score"] for i in out["helpful"]} == pytest.approx(expected, abs=1e-6)
+
+
+def test_linear_is_the_default_method(trained):
+    pipe, _, _ = trained
+    assert pipe("w1 w2 w3", top_k=4) == pipe("w1 w2 w3", top_k=4, method="linear")
+    assert pipe("w1 w2 w3", top_k=4) != pipe("w1 w2 w3", top_k=4, method="exact")
 
 
 def test_linear_method_scores_are_the_engine_linear_scores(trained):
@@ -91,7 +98,7 @@ def test_linear_method_scores_are_the_engine_linear_scores(trained):
 def test_list_input_equals_one_by_one(trained):
     pipe, _, _ = trained
     texts = ["w1 w2", "w13 w15 w16", "w3"]
-    assert pipe(texts, top_k=2) == [pipe(text, top_k=2) for text in texts]
+    assert pipe(texts, top_k=2, method="exact") == [pipe(text, top_k=2, method="exact") for text in texts]
 
 
 @pytest.mark.parametrize("label", [True, "negative", "positive", 0, 1])
@@ -161,7 +168,7 @@ def test_training_set_travels_and_a_changed_one_is_refused(trained, tmp_path):
     loaded = InfluencePipeline(
         model=TurnoverBertForSequenceClassification.from_pretrained(tmp / "model"), tokenizer=pipe.tokenizer
     )
-    assert loaded("w1 w2", top_k=2) == pipe("w1 w2", top_k=2)
+    assert loaded("w1 w2", top_k=2, method="exact") == pipe("w1 w2", top_k=2, method="exact")
     flipped = train.map(
         lambda row, i: {"label": 1 - row["label"] if i == 3 else row["label"]}, with_indices=True
     )
@@ -193,7 +200,7 @@ def test_registered_task_and_installed_pipeline_class(trained):
     pipe, _, tmp = trained
     register_with_transformers()
     explain = pipeline(TASK, model=str(tmp / "model"), pipeline_class=InfluencePipeline)
-    assert explain("w1 w2", top_k=2) == pipe("w1 w2", top_k=2)
+    assert explain("w1 w2", top_k=2, method="exact") == pipe("w1 w2", top_k=2, method="exact")
     with pytest.raises(
         ValueError, match="trust_remote_code=True"
     ):  # the saved pipeline code is never run silently
@@ -206,9 +213,9 @@ def test_saved_pipeline_runs_in_a_fresh_process_without_hf_turnover(trained, tmp
     assert (tmp_path / "pipe" / "pipeline_turnover.py").is_file()
     fresh = run_fresh(FRESH_PIPELINE, tmp_path, fresh_env(tmp_path / "hf_home"), str(tmp_path / "pipe"))
     expected = [
-        pipe("w1 w2 w3", top_k=3),
-        pipe(["w12 w14", "w5 w6"], top_k=2, restrict_to_label=True),
-        pipe("w1 w2 w3", top_k=3, method="linear"),
+        pipe("w1 w2 w3", top_k=3, method="exact"),
+        pipe(["w12 w14", "w5 w6"], top_k=2, restrict_to_label=True, method="exact"),
+        pipe("w1 w2 w3", top_k=3, method="linear"),  # the default
     ]
     assert fresh[:2] == json.loads(json.dumps(expected[:2]))  # bit-identical floats survive JSON round trips
     # The linear scores' backward reductions are split by thread count: equal to float rounding.
@@ -233,7 +240,7 @@ def test_default_pipeline_works_offline_on_the_installed_backbone():
     with safe_open(str(DEFAULT_MODEL_DIR / "model.safetensors"), "pt") as weights:
         names = list(weights.keys())
     assert names and all(".adapters." in n or n.startswith(("classifier.", "bert.pooler.")) for n in names)
-    assert (DEFAULT_MODEL_DIR / "model.safetensors").stat().st_size < 5_000_000  # no second backbone copy
+    assert (DEFAULT_MODEL_DIR / "model.safetensors").stat().st_size < 20_000_000  # no backbone copy (91 MB)
     register_with_transformers()
     explain = pipeline(TASK)  # no model: the embedded default, offline
     out = explain("A gorgeous, witty, seductive movie.", top_k=2, restrict_to_label=True)
