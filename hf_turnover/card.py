@@ -26,12 +26,16 @@ def model_card(
     eval_split: str = "validation",
     base_model: str | None = None,
     command: str | None = None,
+    faithfulness: dict | None = None,
     template_path: str | Path | None = None,
 ) -> ModelCard:
     """A `huggingface_hub.ModelCard` for a turn-over model: settings, training data and fingerprint, results.
 
     ``accuracy`` is the turn-over model's on ``eval_split``; ``baseline_accuracy`` that of the same set-up
-    trained with ordinary dropout (the side effect of turn-over dropout), when measured.
+    trained with ordinary dropout (the side effect of turn-over dropout), when measured. ``faithfulness``: what
+    is known of how well its scores explain it, as measured by :func:`hf_turnover.evaluation.explanation_checks`
+    (``num_queries``, ``top_k``, ``identical_class_rate``, ``distinct_top1``, ``distinct_top_k``) and ``method`` plus,
+    optionally, ``lds`` (a list of ``{"setting", "value", "source"}`` rows from a retraining benchmark).
     """
     config = get_turnover_config(model)
     if config is None:
@@ -74,6 +78,7 @@ def model_card(
         fingerprint_columns=", ".join(f"`{c}`" for c in fingerprint.get("columns", [])) or "unknown",
         fingerprint_sha256=fingerprint.get("sha256", "not recorded"),
         results_text=_results_text(accuracy, baseline_accuracy, eval_split),
+        faithfulness_text=_faithfulness_text(faithfulness),
     )
 
 
@@ -134,4 +139,33 @@ def _results_text(accuracy: float | None, baseline: float | None, split: str) ->
     else:
         lines.append("")
         lines.append(f"No ordinary-dropout baseline was trained for this model ({PAPER_SIDE_EFFECT}).")
+    return "\n".join(lines)
+
+
+def _faithfulness_text(faithfulness: dict | None) -> str:
+    if not faithfulness:
+        return "Not measured for this model."
+    f = faithfulness
+    lines = [
+        f"Measured on {f['num_queries']} held-out queries ({f.get('queries', 'validation sentences')}), "
+        f"`method={f['method']!r}`, the top {f['top_k']} helpful training instances of each prediction:",
+        "",
+        "| Check | Value |",
+        "|---|---|",
+        f"| identical-class rate (the top helpful instance has the predicted label) | {f['identical_class_rate']:.2f} |",
+        f"| distinct training instances among the top-1 lists | {f['distinct_top1']} of {f['num_queries']} |",
+        f"| distinct training instances among the top-{f['top_k']} lists | {f['distinct_top_k']} of "
+        f"{f['num_queries'] * f['top_k']} |",
+    ]
+    lds = f.get("lds") or []
+    if lds:
+        lines += [
+            "",
+            "Linear datamodeling score (Spearman correlation of summed scores with the losses of models "
+            "retrained on random halves of the training set; 0 = random, 1 = perfect):",
+            "",
+            "| Setting | LDS | Source |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {row['setting']} | {row['value']:.3f} | {row['source']} |" for row in lds]
     return "\n".join(lines)

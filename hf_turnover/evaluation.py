@@ -78,3 +78,40 @@ def random_half_subsets(num_train: int, num_subsets: int, seed: int = 0, fractio
     for j in range(num_subsets):
         members[j, rng.choice(num_train, size=size, replace=False)] = 1
     return members
+
+
+def explanation_checks(explanations: Sequence[dict], top_k: int | None = None) -> dict:
+    """Two cheap checks of a model's explanations, without retraining (Hanawa et al. 2021, "Evaluation of
+    similarity-based explanations"): the identical-class rate (the top helpful training instance carries the
+    predicted label) and how many distinct training instances fill the top-1 and top-``top_k`` helpful lists
+    (the same few instances on top of unrelated queries point at mask luck, not at causes).
+
+    ``explanations``: what :func:`hf_turnover.explain_predictions` or the pipeline returns, one per query, each
+    computed against the whole training set (not ``restrict_to_label``, which makes the first check trivial).
+    """
+    if not explanations:
+        raise ValueError("explanation_checks needs at least one explanation.")
+    lists = [e["helpful"] for e in explanations]
+    if any(not items for items in lists):
+        raise ValueError("An explanation has an empty helpful list; explain with top_k >= 1.")
+    if any(e.get("restricted") is not None for e in explanations):
+        raise ValueError("Explain against all training instances (restrict_to_label=None) for these checks.")
+    top_k = top_k or max(len(items) for items in lists)
+
+    def key(item: dict) -> int:
+        return int(item["train_id"] if "train_id" in item else item["id"])
+
+    return {
+        "num_queries": len(explanations),
+        "top_k": top_k,
+        "identical_class_rate": float(
+            np.mean(
+                [
+                    items[0]["label"] == e["prediction"]["label"]
+                    for items, e in zip(lists, explanations, strict=True)
+                ]
+            )
+        ),
+        "distinct_top1": len({key(items[0]) for items in lists}),
+        "distinct_top_k": len({key(item) for items in lists for item in items[:top_k]}),
+    }

@@ -1,0 +1,62 @@
+"""The identical-class and distinct-top-k checks of explanations, and how a model card reports them."""
+
+from __future__ import annotations
+
+import pytest
+
+from hf_turnover.evaluation import explanation_checks
+
+
+def explanation(predicted: str, helpful: list[tuple[int, str]], id_key: str = "id") -> dict:
+    return {
+        "prediction": {"label": predicted, "score": 0.9},
+        "helpful": [
+            {id_key: i, "label": label, "score": 1.0 / (rank + 1)} for rank, (i, label) in enumerate(helpful)
+        ],
+        "harmful": [],
+    }
+
+
+def test_checks_count_identical_classes_and_distinct_instances():
+    explanations = [
+        explanation("pos", [(1, "pos"), (2, "neg"), (3, "pos")]),
+        explanation("neg", [(1, "pos"), (4, "neg"), (5, "neg")]),  # top-1 of the other class
+        explanation(
+            "neg", [(6, "neg"), (2, "neg"), (1, "pos")], id_key="train_id"
+        ),  # explain_prediction's key
+    ]
+    checks = explanation_checks(explanations)
+    assert checks == {
+        "num_queries": 3,
+        "top_k": 3,
+        "identical_class_rate": pytest.approx(2 / 3),
+        "distinct_top1": 2,
+        "distinct_top_k": 6,
+    }
+    assert explanation_checks(explanations, top_k=1)["distinct_top_k"] == 2
+
+
+def test_checks_refuse_what_they_cannot_judge():
+    with pytest.raises(ValueError, match="at least one explanation"):
+        explanation_checks([])
+    with pytest.raises(ValueError, match="empty helpful list"):
+        explanation_checks([explanation("pos", [])])
+    restricted = {**explanation("pos", [(1, "pos")]), "restricted": 1}
+    with pytest.raises(ValueError, match="restrict_to_label=None"):
+        explanation_checks([restricted])
+
+
+def test_card_reports_the_checks_and_lds_rows():
+    from conftest import make_tiny_bert
+
+    from hf_turnover.card import model_card
+
+    model = make_tiny_bert()
+    checks = {"num_queries": 100, "top_k": 5, "identical_class_rate": 0.93, "distinct_top1": 71,
+              "distinct_top_k": 260, "method": "linear", "queries": "the first 100 validation sentences",
+              "lds": [{"setting": "MiniLM, N = 2,000", "value": 0.126, "source": "benchmarks/x.md"}]}  # fmt: skip
+    text = str(model_card(model, accuracy=0.81, faithfulness=checks))
+    assert "## Faithfulness" in text and "`method='linear'`" in text
+    assert "| 0.93 |" in text and "| 71 of 100 |" in text and "| 260 of 500 |" in text
+    assert "| MiniLM, N = 2,000 | 0.126 | benchmarks/x.md |" in text
+    assert "Not measured for this model." in str(model_card(model, accuracy=0.81))
