@@ -249,7 +249,8 @@ def markdown(r: dict) -> str:
         f"{a['batch_size']}, linear schedule with {a['warmup_ratio']:.0%} warm-up, length-grouped minibatches "
         f"(`group_by_length`); fixed by `benchmarks/default_model_sweep.py`, not tuned here.",
         f"* N = {r['num_train']} sentences of the bundled `rotten_tomatoes` train split (seeded permutation); "
-        f"{r['num_targets']} targets = first rows of a seeded permutation of the test split.",
+        f"{r['num_targets']} targets = first rows of a seeded permutation of the test split. Sentences truncated "
+        "at 128 tokens (the recipe: 64; almost none is longer).",
         f"* MiniLM ran once per sentence; the output of layer {below - 1} (every position) was cached and the model "
         "ran on it as itself (embeddings and lower layers swapped for pass-throughs; module names, hooks and masks "
         f"the library's). Max |logit difference| vs the full model from tokens: unmasked "
