@@ -18,7 +18,8 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 from hf_turnover.atomic import atomic_write_text
 from hf_turnover.config import TurnoverConfig
 from hf_turnover.data import load_text_classification
-from hf_turnover.explain import explain_prediction
+from hf_turnover.evaluation import explanation_checks
+from hf_turnover.explain import explain_prediction, explain_predictions
 from hf_turnover.influence import self_influence
 from hf_turnover.linear import make_scorer
 from hf_turnover.model import find_modules
@@ -79,8 +80,9 @@ def build_model(
     layers = model_args.adapter_top_layers or backbone_config.num_hidden_layers
     if model_args.adapter_width:
         adapter = wide_adapter_config(
-            backbone_config, model_args.adapter_width, layers, model_args.adapter_config
-        )
+            backbone_config, model_args.adapter_width, layers, model_args.adapter_config,
+            lower_width=model_args.adapter_lower_width or None,
+        )  # fmt: skip
     else:
         adapter = AdapterConfig.load(model_args.adapter_config)
         adapter = adapter.replace(leave_out=list(range(backbone_config.num_hidden_layers - layers)))
@@ -161,6 +163,19 @@ def misclassified_report(
         "below (the same sentence on top of unrelated errors would point at mask luck, not at a cause).\n",
     )
     return "\n".join(lines) + "\n", len(order)
+
+
+def check_explanations(
+    model: nn.Module, train: datasets.Dataset, validation_tok: datasets.Dataset, recipe: Any
+) -> dict[str, Any]:
+    """The identical-class rate and the distinct top-k training sentences over the first ``--num_checked``
+    validation sentences (never trained on), each explained against the whole training set."""
+    queries = validation_tok.select(range(min(recipe.num_checked, len(validation_tok))))
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in queries.column_names]
+    targets = queries.select_columns(names).to_list()
+    explanations = explain_predictions(model, train, targets, top_k=recipe.top_k, method=recipe.method)
+    checks = explanation_checks(explanations, recipe.top_k)
+    return {**checks, "method": recipe.method, "queries": f"the first {len(targets)} validation sentences"}
 
 
 def write_influence_outputs(
