@@ -229,18 +229,12 @@ class TurnoverScorer:
         """Positions per row at the masked layers (tokens, pixels; 1 for a head), the most over them, from one
         forward of one id through the current fast paths (position slicing included)."""
         seen = [1]
-
-        def record(x: Any, hook: Any) -> None:
-            if isinstance(x, torch.Tensor) and x.dim() >= 2:
-                seen.append(max(1, x[0].numel() // x.shape[hook.unit_dim]))
-
-        handles = []
-        for name, hook in turnover_hooks(self.model).items():
-            module = self.model.get_submodule(name)
-            if hook.where == "output":
-                handles.append(module.register_forward_hook(lambda m, a, out, h=hook: record(out, h)))
-            else:
-                handles.append(module.register_forward_pre_hook(lambda m, a, h=hook: record(a[0], h)))
+        handles = [
+            self.model.get_submodule(name).register_forward_hook(
+                lambda m, args, out, h=hook: seen.append(h.positions(args, out))
+            )
+            for name, hook in turnover_hooks(self.model).items()
+        ]
         try:
             with turnover_context([0], "own", broadcast=True, paired=True), self._autocast():
                 self.forward_fn(self.model, inputs)
