@@ -130,11 +130,13 @@ def _check_peft_lora(model: nn.Module, name: str) -> None:
     if ".lora_A." not in name:
         return
     layer, adapter = _parent(model, name, "lora_A")
-    variants = getattr(layer, "lora_variant", None) or {}
+    variants = getattr(layer, "lora_variant", None) or {}  # DoRA and other variants; use_dora flags DoRA too
     if adapter in variants or (getattr(layer, "use_dora", None) or {}).get(adapter):
+        variant = type(variants[adapter]).__name__ if adapter in variants else "DoRA"
         raise ValueError(
-            f"The peft LoRA {name!r} uses a variant ({type(variants.get(adapter)).__name__}, e.g. DoRA) that "
-            "reads every rank unit outside lora_A; turn-over masks plain LoRA only (LoraConfig(use_dora=False))."
+            f"The peft LoRA {name!r} uses a variant ({variant}) that reads its rank units outside lora_A, so an "
+            "instance would update its flipped units too; turn-over masks plain LoRA only (e.g. "
+            "LoraConfig(use_dora=False))."
         )
     if getattr(layer, "merged", False):
         raise ValueError(
