@@ -190,11 +190,12 @@ def test_exact_scores_equal_the_row_by_row_reference(kind):
     """peft's LoRA sits inside transformers' attention, which cannot broadcast one row against many masks: the
     scorer finds that out and repeats the row instead; adapters' attention broadcasts."""
     train, targets = make_train_and_targets()
+    train, targets = train.select(range(12)), targets.select([0, 1])  # target 0 is padded
     model = lora_model(kind).eval()
-    result = estimate_influence(model, train, targets, batch_size=5, progress=False)
+    result = estimate_influence(model, train, targets, batch_size=5, progress=False)  # chunks of 5, 5, 2
     ids = sorted(train["instance_id"])
-    matrix = score_matrix(result, [0, 1, 2], ids)[0]
-    for t in range(3):
+    matrix = score_matrix(result, [0, 1], ids)[0]
+    for t in range(2):
         expected = reference_scores(model, targets[t], ids)
         scores = torch.tensor(matrix[t], dtype=torch.float32)
         torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
