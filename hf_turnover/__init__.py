@@ -9,6 +9,7 @@ from .fingerprint import training_fingerprint
 from .hub import push_turnover_model, register_with_transformers, save_turnover_model
 from .influence import estimate_influence, mean_influence, self_influence
 from .linear import LinearScorer
+from .lora import ADAPTERS_LORA_MODULES, PEFT_HEAD_MODULES, PEFT_LORA_MODULES
 from .model import add_turnover, get_turnover_config, load_turnover, remove_turnover, turnover_layers
 from .modeling_turnover import TurnoverBertConfig, TurnoverBertForSequenceClassification
 from .pipeline_turnover import InfluencePipeline
@@ -25,6 +26,9 @@ __version__ = "0.1.0"
 register_with_transformers()
 
 __all__ = [
+    "ADAPTERS_LORA_MODULES",
+    "PEFT_HEAD_MODULES",
+    "PEFT_LORA_MODULES",
     "InfluencePipeline",
     "LearningCurveCallback",
     "LinearScorer",

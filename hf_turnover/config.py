@@ -38,7 +38,9 @@ class TurnoverConfig:
         default=r".*\.adapters\.[^.]+\.adapter_down",
         metadata={
             "help": "Modules whose OUTPUT units are masked per instance (nn.Linear features, nn.Conv channels, "
-            "bottleneck units of `adapters` adapters). A regex (full match) or a list of names/suffixes."
+            "bottleneck units of `adapters` adapters, the rank units of an `adapters` LoRA module: "
+            "hf_turnover.ADAPTERS_LORA_MODULES, or of peft's lora_A: PEFT_LORA_MODULES). A regex (full match) or "
+            "a list of names/suffixes."
         },
     )
     head_modules: str | list[str] | None = field(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -98,24 +99,15 @@ def mask_probes(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     The gradient of a loss w.r.t. the probes is its gradient w.r.t. the mask values at the full network.
     """
     probes: dict[str, torch.Tensor] = {}
-    handles = []
 
-    def scale(x: torch.Tensor, name: str, unit_dim: int) -> torch.Tensor:
-        probe = torch.ones(x.shape[0], x.shape[unit_dim], device=x.device, dtype=torch.float32,
-                           requires_grad=True)  # fmt: skip
-        probes[name] = probe
-        shape = [x.shape[0]] + [1] * (x.dim() - 1)
-        shape[unit_dim] = x.shape[unit_dim]
-        return x * probe.view(shape).to(x.dtype)
+    def probe(module, rows, width, device, dtype, name: str) -> torch.Tensor:
+        probes[name] = torch.ones(rows, width, device=device, dtype=torch.float32, requires_grad=True)
+        return probes[name].to(dtype)  # (B, d)
 
-    for name, hook in turnover_hooks(model).items():
-        module = model.get_submodule(name)
-        if hook.where == "output":
-            handles.append(module.register_forward_hook(
-                lambda m, a, out, n=name, h=hook: scale(out, n, h.unit_dim)))  # fmt: skip
-        else:
-            handles.append(module.register_forward_pre_hook(
-                lambda m, a, n=name, h=hook: (scale(a[0], n, h.unit_dim), *a[1:])))  # fmt: skip
+    handles = [
+        hook.register(model.get_submodule(name), partial(probe, name=name))
+        for name, hook in turnover_hooks(model).items()
+    ]
     try:
         yield probes
     finally:

@@ -9,6 +9,7 @@ from torch import nn
 
 from .config import CONFIG_KEY, TurnoverConfig
 from .layer import TurnoverHook
+from .lora import make_hook
 
 _HOOKS_ATTR = "_turnover_hooks"
 
@@ -44,9 +45,10 @@ def _require_match(model: nn.Module, option: str, patterns, names: list[str]) ->
 def add_turnover(model: nn.Module, config: TurnoverConfig | None = None) -> nn.Module:
     """Patch ``model`` in place with turn-over masks and return it.
 
-    Modules matched by ``config.target_modules`` get their output units masked, modules matched by
-    ``config.head_modules`` their input units. The config is stored in ``model.config.turnover`` (so
-    ``save_pretrained`` writes it into ``config.json``) when the model has a Hugging Face config.
+    Modules matched by ``config.target_modules`` get their output units masked (a LoRA module: its rank
+    units, see :mod:`hf_turnover.lora`), modules matched by ``config.head_modules`` their input units. The config
+    is stored in ``model.config.turnover`` (so ``save_pretrained`` writes it into ``config.json``) when the model
+    has a Hugging Face config.
     """
     config = config or TurnoverConfig()
     if getattr(model, _HOOKS_ATTR, None):
@@ -55,11 +57,10 @@ def add_turnover(model: nn.Module, config: TurnoverConfig | None = None) -> nn.M
     heads = find_modules(model, config.head_modules, config.exclude_modules)
     _require_match(model, "target_modules", config.target_modules, targets)
     _require_match(model, "head_modules", config.head_modules, heads)
-    modules = dict(model.named_modules())
     hooks = {}
     for name, where in [(n, "output") for n in targets] + [(n, "input") for n in heads]:
-        hook = TurnoverHook(name, modules[name], where, config)
-        hooks[name] = (hook, hook.register(modules[name]))
+        hook = make_hook(model, name, where, config)
+        hooks[name] = (hook, hook.register(model.get_submodule(name)))
     setattr(model, _HOOKS_ATTR, hooks)
     model.turnover_config = config
     if hasattr(model, "config"):

@@ -46,6 +46,7 @@ from .influence import estimate_influence, mean_influence, self_influence
 from .inputs import per_row_loss  # noqa: F401
 from .layer import TurnoverHook  # noqa: F401
 from .linear import LinearScorer  # noqa: F401
+from .lora import LoRARankHook  # noqa: F401
 from .masks import keep_bits  # noqa: F401
 from .model import add_turnover
 from .results import scores_dataset  # noqa: F401
@@ -315,7 +316,8 @@ def load_partial_weights(model: torch.nn.Module, path: str | os.PathLike) -> Non
 
 
 def adapter_and_head_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors an adapter-only checkpoint holds: the adapters, the pooler and the classifier."""
+    """The tensors an adapter-only checkpoint holds: the adapters (bottleneck and LoRA), the pooler and the
+    classifier."""
     return {
         name: tensor.detach().contiguous().clone()
         for name, tensor in model.state_dict().items()
@@ -324,5 +326,5 @@ def adapter_and_head_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _is_trained_part(name: str) -> bool:
-    """Adapters and the head (pooler + classifier): what turn-over training changes on a frozen backbone."""
-    return ".adapters." in name or name.startswith(HEAD_PREFIXES)
+    """Adapters, LoRA and the head (pooler + classifier): what turn-over training changes on a frozen backbone."""
+    return ".adapters." in name or ".loras." in name or name.startswith(HEAD_PREFIXES)

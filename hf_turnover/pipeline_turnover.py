@@ -37,6 +37,7 @@ from .influence import estimate_influence  # noqa: F401
 from .inputs import per_row_loss  # noqa: F401
 from .layer import TurnoverHook  # noqa: F401
 from .linear import check_method, make_scorer
+from .lora import LoRARankHook  # noqa: F401
 from .masks import keep_bits  # noqa: F401
 from .model import add_turnover  # noqa: F401
 from .modeling_turnover import copy_code_files, resolve_base_model

@@ -80,6 +80,7 @@ class TurnoverScorer:
         # record it in the own forward and replay it in the flipped one (checked once per scorer).
         self.reuse_prefix = reuse_prefix
         self._prefix_checked = False
+        self._broadcast: bool | None = None  # None: not checked yet (see _broadcasts)
 
     def _autocast(self):
         if self.dtype is None or self.dtype == torch.float32:
@@ -102,9 +103,11 @@ class TurnoverScorer:
         own and flipped losses ``(2, len(ids))`` from one forward of ``2 * len(ids)`` rows. Without
         ``broadcast``, row ``r`` of ``inputs`` is the instance ``ids[r]`` (self-influence), ``(len(ids),)``.
         """
+        rows = (2 if paired else 1) * len(ids)
+        if broadcast and not self._broadcasts(inputs):
+            inputs, broadcast = repeat_rows(inputs, rows), False
         with turnover_context(ids, mode, broadcast=broadcast, paired=paired), self._autocast():
             loss = self.loss_fn(logits_of(self.forward_fn(self.model, inputs)), labels)
-        rows = (2 if paired else 1) * len(ids)
         loss = loss.expand(rows) if loss.numel() == 1 else loss
         return loss.view(2, len(ids)) if paired else loss
 
@@ -121,7 +124,7 @@ class TurnoverScorer:
                 base = self.losses(inputs, labels, ids[:1], "full")
             step = self._ids_per_forward(inputs)
             prefix = None
-            if self.reuse_prefix and len(ids) > step:
+            if self.reuse_prefix and self._broadcasts(inputs) and len(ids) > step:
                 prefix = PrefixCache(self.model, list(turnover_layers(self.model)))
             for start in range(0, len(ids), step):
                 chunk = ids[start : start + step]
@@ -134,6 +137,30 @@ class TurnoverScorer:
                     prefix = self._check_prefix(prefix, inputs, labels, chunk, base, scores[: len(chunk)])
         self._warn_if_unmasked(scores)
         return scores.cpu()
+
+    def _broadcasts(self, inputs: dict[str, torch.Tensor]) -> bool:
+        """Whether one input row run against many ids (broadcast at the first masked layer) gives what that row
+        repeated gives; checked once per scorer. Masks inside a transformers attention do not broadcast (peft's
+        LoRA on query/value: key and the attention's reshape keep one row), so such a model gets the row repeated
+        up front instead, and the layers below the first masked one run per row."""
+        if self._broadcast is None:
+            ids = torch.tensor([0, 1], device=self.device)
+            with turnover_context(ids, "own", paired=True), self._autocast():
+                repeated = logits_of(self.forward_fn(self.model, repeat_rows(inputs, 4)))
+            try:
+                with turnover_context(ids, "own", broadcast=True, paired=True), self._autocast():
+                    broadcast = logits_of(self.forward_fn(self.model, inputs))
+                self._broadcast = broadcast.shape == repeated.shape and torch.allclose(
+                    broadcast, repeated, rtol=1e-4, atol=1e-5
+                )
+            except RuntimeError:  # a layer that reshapes by its own input's batch size
+                self._broadcast = False
+            if not self._broadcast:
+                logger.info(
+                    f"{type(self.model).__name__} does not broadcast one input row against many masks at its "
+                    "first masked layer; scoring repeats the row for every id instead (same scores, slower)."
+                )
+        return self._broadcast
 
     def _warn_if_unmasked(self, scores: torch.Tensor) -> None:
         if len(scores) > 1 and not scores.any():
@@ -229,21 +256,16 @@ class TurnoverScorer:
         """Positions per row at the masked layers (tokens, pixels; 1 for a head), the most over them, from one
         forward of one id through the current fast paths (position slicing included)."""
         seen = [1]
-
-        def record(x: Any, hook: Any) -> None:
-            if isinstance(x, torch.Tensor) and x.dim() >= 2:
-                seen.append(max(1, x[0].numel() // x.shape[hook.unit_dim]))
-
-        handles = []
-        for name, hook in turnover_hooks(self.model).items():
-            module = self.model.get_submodule(name)
-            if hook.where == "output":
-                handles.append(module.register_forward_hook(lambda m, a, out, h=hook: record(out, h)))
-            else:
-                handles.append(module.register_forward_pre_hook(lambda m, a, h=hook: record(a[0], h)))
+        broadcast = self._broadcasts(inputs)  # before the recording hooks: its own forwards are not probes
+        handles = [
+            self.model.get_submodule(name).register_forward_hook(
+                lambda m, args, out, h=hook: seen.append(h.positions(args, out))
+            )
+            for name, hook in turnover_hooks(self.model).items()
+        ]
         try:
-            with turnover_context([0], "own", broadcast=True, paired=True), self._autocast():
-                self.forward_fn(self.model, inputs)
+            with turnover_context([0], "own", broadcast=broadcast, paired=True), self._autocast():
+                self.forward_fn(self.model, inputs if broadcast else repeat_rows(inputs, 2))
         finally:
             for handle in handles:
                 handle.remove()
@@ -255,3 +277,13 @@ class TurnoverScorer:
         if self._entry_name is False:  # the same for every input: probe once
             self._entry_name = tail_entry(self.model, inputs, self.forward_fn)
         return self._entry_name
+
+
+def repeat_rows(inputs: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """A one-row input repeated to ``rows`` rows (other values unchanged)."""
+    return {
+        k: v.repeat(rows, *[1] * (v.dim() - 1))
+        if isinstance(v, torch.Tensor) and v.dim() and len(v) == 1
+        else v
+        for k, v in inputs.items()
+    }

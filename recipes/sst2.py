@@ -10,8 +10,10 @@ was built from) for one epoch. `benchmarks/default_model_sweep.py` chose it (rec
 Sized for a 2-core CPU: the top layer's adapter sits after the last attention, so training and exact scoring
 compute it at the [CLS] position only, and the explanations use linearized scoring (`--method linear`: one
 backward pass per explained sentence). `--adapter_top_layers 1 --max_train_samples 4000` gives the earlier,
-less accurate default; `--adapter_config double_seq_bn --adapter_width 0` the narrow Houlsby set-up. It writes to
---output_dir (default `outputs/sst2`):
+less accurate default; `--adapter_config double_seq_bn --adapter_width 0` the narrow Houlsby set-up, and
+`--adapter_config lora --adapter_top_layers 0` LoRA (`adapters.LoRAConfig`, rank `--lora_r` on query and value of
+every layer) with the turn-over masks on its rank units and the classifier input (the run in recipes/README.md).
+It writes to --output_dir (default `outputs/sst2`):
 
 - `model/`: the Hub-ready turn-over model (weights, remote code, tokenizer, training set + fingerprint, card);
 - `results.json`: accuracy with turn-over and, with `--baseline` (default), with ordinary dropout on the same units
@@ -65,6 +67,7 @@ from hf_turnover.config import TurnoverArguments
 from hf_turnover.curves import LearningCurveCallback
 from hf_turnover.default_model import BACKBONE
 from hf_turnover.hub import save_turnover_model
+from hf_turnover.lora import ADAPTERS_LORA_MODULES
 from hf_turnover.model import remove_turnover
 from hf_turnover.plots import plot_learning_curves
 
@@ -80,13 +83,18 @@ class ModelArguments:
         },
     )
     adapter_config: str = field(
-        default="seq_bn", metadata={"help": "adapters config: seq_bn (Pfeiffer) or double_seq_bn (Houlsby)."}
+        default="seq_bn",
+        metadata={
+            "help": "adapters config: seq_bn (Pfeiffer), double_seq_bn (Houlsby) or lora (adapters' LoRA on query "
+            "and value; turn-over then masks its rank units unless --turnover_target_modules says otherwise)."
+        },
     )
     adapter_width: int = field(
         default=1536,
         metadata={
             "help": "Bottleneck units per adapter (hf_turnover.wide_adapter_config: many masked units make single-"
-            "model explanations informative, see benchmarks/RESULTS.md); 0: the adapter config's own reduction."
+            "model explanations informative, see benchmarks/RESULTS.md); 0: the adapter config's own reduction. "
+            "Not used by lora."
         },
     )
     adapter_lower_width: int = field(
@@ -95,6 +103,8 @@ class ModelArguments:
             "help": "Units of the adapters below the top layer (they run at every position); 0: --adapter_width."
         },
     )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (--adapter_config lora): units per module."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scaling alpha / r)."})
     train_pooler: bool = field(
         default=False,
         metadata={
@@ -178,6 +188,10 @@ def main(argv: list[str] | None = None) -> None:
             "double_seq_bn",
             0,
         )
+    if model_args.adapter_config == "lora" and (
+        turnover_args.turnover_target_modules == TurnoverArguments.turnover_target_modules
+    ):
+        turnover_args.turnover_target_modules = ADAPTERS_LORA_MODULES  # the rank units of every LoRA
     started, timings, output = time.time(), {}, Path(training_args.output_dir)
     config, backbone = turnover_args.to_config(), model_args.model_name_or_path or default_backbone()
     tokenizer = AutoTokenizer.from_pretrained(backbone)

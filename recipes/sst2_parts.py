@@ -10,7 +10,7 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from adapters import AdapterConfig
+from adapters import AdapterConfig, LoRAConfig
 from common import markdown_table
 from torch import nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
@@ -22,6 +22,7 @@ from hf_turnover.evaluation import explanation_checks
 from hf_turnover.explain import explain_prediction, explain_predictions
 from hf_turnover.influence import self_influence
 from hf_turnover.linear import make_scorer
+from hf_turnover.lora import LoRARankHook, make_hook
 from hf_turnover.model import find_modules
 from hf_turnover.modeling_turnover import TurnoverBertForSequenceClassification
 from hf_turnover.plots import plot_self_influence
@@ -74,18 +75,21 @@ def tokenize(
 def build_model(
     model_args: Any, config: TurnoverConfig, backbone: str
 ) -> TurnoverBertForSequenceClassification:
-    """Backbone + bottleneck adapters (top ``adapter_top_layers`` layers, ``adapter_width`` units each) +
-    classifier, with turn-over masks."""
+    """Backbone + bottleneck adapters (top ``adapter_top_layers`` layers, ``adapter_width`` units each) or LoRA
+    (rank ``lora_r`` on query and value of those layers) + classifier, with turn-over masks."""
     backbone_config = AutoConfig.from_pretrained(backbone)
     layers = model_args.adapter_top_layers or backbone_config.num_hidden_layers
-    if model_args.adapter_width:
+    leave_out = list(range(backbone_config.num_hidden_layers - layers))
+    if model_args.adapter_config == "lora":
+        adapter = LoRAConfig(r=model_args.lora_r, alpha=model_args.lora_alpha, leave_out=leave_out)
+    elif model_args.adapter_width:
         adapter = wide_adapter_config(
             backbone_config, model_args.adapter_width, layers, model_args.adapter_config,
             lower_width=model_args.adapter_lower_width or None,
         )  # fmt: skip
     else:
         adapter = AdapterConfig.load(model_args.adapter_config)
-        adapter = adapter.replace(leave_out=list(range(backbone_config.num_hidden_layers - layers)))
+        adapter = adapter.replace(leave_out=leave_out)
     model = TurnoverBertForSequenceClassification.from_backbone(
         backbone, num_labels=2, adapter_name="sst2", adapter_config=adapter, turnover=config,
         id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
@@ -95,7 +99,10 @@ def build_model(
 
 
 def add_plain_dropout(model: nn.Module, config: TurnoverConfig) -> nn.Module:
-    """Ordinary dropout (drop probability ``1 - p``) on exactly the units turn-over would mask: the baseline."""
+    """Ordinary dropout (drop probability ``1 - p``) on exactly the units turn-over would mask: the baseline.
+
+    LoRA rank units have no module boundary, so they get it through the turn-over hook's recomputation, one draw
+    per row and rank unit (as the turn-over masks are drawn)."""
     drop = 1.0 - config.p
 
     def on_output(module, args, output):
@@ -104,8 +111,17 @@ def add_plain_dropout(model: nn.Module, config: TurnoverConfig) -> nn.Module:
     def on_input(module, args):
         return (F.dropout(args[0], drop, module.training), *args[1:])
 
+    def rank_dropout(module, rows, width, device, dtype):
+        if not module.training:
+            return None
+        return F.dropout(torch.ones(rows, width, device=device, dtype=dtype), drop)  # (B, r)
+
     for name in find_modules(model, config.target_modules, config.exclude_modules):
-        model.get_submodule(name).register_forward_hook(on_output)
+        hook = make_hook(model, name, "output", config)
+        if isinstance(hook, LoRARankHook):
+            hook.register(model.get_submodule(name), rank_dropout)
+        else:
+            model.get_submodule(name).register_forward_hook(on_output)
     for name in find_modules(model, config.head_modules, config.exclude_modules):
         model.get_submodule(name).register_forward_pre_hook(on_input)
     return model

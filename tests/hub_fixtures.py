@@ -73,12 +73,12 @@ def make_model(
     return add_turnover(model, turnover or TurnoverConfig())
 
 
-def make_trained(tmp_path: Path, n: int = 24, adapter_config=None):
+def make_trained(tmp_path: Path, n: int = 24, adapter_config=None, turnover: TurnoverConfig | None = None):
     """(model, tokenizer, train) after one short TurnoverTrainer run (which records the fingerprint)."""
     tokenizer = make_tokenizer(tmp_path / "tokenizer")
     train = make_texts(n, seed=1).map(lambda row, i: {"instance_id": 1000 + i}, with_indices=True)
     tokenized = train.map(lambda row: tokenizer(row["sentence"]))
-    model = make_model(adapter_config=adapter_config)
+    model = make_model(turnover, adapter_config=adapter_config)
     args = tiny_training_args(tmp_path / "trainer", per_device_train_batch_size=8)
     collator = DataCollatorWithPadding(tokenizer)
     TurnoverTrainer(model, args, train_dataset=tokenized, data_collator=collator).train()

@@ -101,3 +101,30 @@ def test_saved_model_explains_with_the_pipeline(recipe_output):
     out = InfluencePipeline(model=model)("a gorgeous , witty movie .", top_k=2, restrict_to_label=True)
     assert out["prediction"]["label"] in ("negative", "positive") and len(out["helpful"]) == 2
     assert {item["label"] for item in out["helpful"]} == {out["restricted_to_label"]}
+
+
+def test_lora_option_masks_the_rank_units(tmp_path, monkeypatch):
+    """`--adapter_config lora`, in-process: adapters' LoRA on query and value of every layer, turn-over on its rank
+    units (and the baseline's plain dropout on the same units); the saved model carries them."""
+    import importlib
+
+    from hf_turnover.lora import ADAPTERS_LORA_MODULES
+    from hf_turnover.model import turnover_layers
+    from hf_turnover.modeling_turnover import TurnoverBertForSequenceClassification
+
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    backbone = make_backbone(tmp_path / "backbone")
+    argv = ["--model_name_or_path", str(backbone), "--adapter_config", "lora", "--lora_r", "4"]
+    argv += ["--adapter_top_layers", "0", "--max_train_samples", "24", "--max_eval_samples", "16"]
+    argv += ["--per_device_train_batch_size", "8", "--max_seq_length", "24", "--num_explained", "1"]
+    argv += ["--top_k", "2", "--curve_subset", "8", "--curve_points", "2", "--disable_tqdm", "true"]
+    importlib.import_module("sst2").main([*argv, "--output_dir", str(tmp_path / "out")])
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["turnover"]["target_modules"] == ADAPTERS_LORA_MODULES
+    assert 0.0 <= results["accuracy_turnover"] <= 1.0 and 0.0 <= results["accuracy_baseline_dropout"] <= 1.0
+    model = TurnoverBertForSequenceClassification.from_pretrained(tmp_path / "out" / "model")
+    masked = [name for name, where in turnover_layers(model).items() if where == "output"]
+    assert len(masked) == 4 and all(name.endswith(".loras.sst2") for name in masked)
+    assert model.get_submodule(masked[0]).lora_A.shape[0] == 4
+    scores = torch.tensor(load_scores(tmp_path / "out" / "self_influence.parquet")["score"])
+    assert len(scores) == 24 and torch.isfinite(scores).all() and scores.abs().max() > 0
