@@ -43,6 +43,7 @@ from transformers import AutoTokenizer
 
 from hf_turnover.atomic import atomic_write_text
 from hf_turnover.evaluation import random_half_subsets
+from hf_turnover.model import get_turnover_config, turnover_layers
 
 SMOKE = {"num_train": 64, "num_targets": 3, "num_val": 64, "num_subsets": 4, "width": 32, "lower_width": 16,
          "tracin_checkpoints": 2, "cache_to_disk": False}  # fmt: skip
@@ -60,6 +61,11 @@ class MiniLMTopArguments:
     num_val: int | None = field(default=None, metadata={"help": "Validation sentences for accuracy (all)."})
     num_subsets: int = field(default=32, metadata={"help": "Random halves retrained on (LDS)."})
     top_layers: int = field(default=2, metadata={"help": "Encoder layers (from the top) with an adapter."})
+    masked_layers: int | None = field(
+        default=None,
+        metadata={"help": "Top adapter layers with turn-over masks (None: all top_layers); the adapters below "
+                  "them train on every instance unmasked. The classifier input is always masked."},
+    )  # fmt: skip
     width: int = field(default=1536, metadata={"help": "Adapter units in the top layer."})
     lower_width: int = field(default=384, metadata={"help": "Adapter units in each layer below the top one."})
     learning_rate: float = field(default=3e-3, metadata={"help": "AdamW peak lr (no weight decay)."})
@@ -78,6 +84,12 @@ class MiniLMTopArguments:
     smoke: bool = field(
         default=False, metadata={"help": "Tiny settings (N=64, 3 targets, 4 halves, W=32/16)."}
     )
+
+
+def masked_target_modules(args, num_layers: int = 6) -> str:
+    """Regex of the adapter_down modules that carry turn-over masks: those of the top ``masked_layers`` layers."""
+    masked = "|".join(str(i) for i in range(num_layers - args.masked_layers, num_layers))
+    return rf"bert\.encoder\.layer\.({masked})\.output\.adapters\..*\.adapter_down"
 
 
 def load_data(args, model, tokenizer, below: int):
@@ -227,11 +239,19 @@ def run(args, model, tokenizer, s, data, below: int) -> dict:
     return result
 
 
+def _masked_note(a: dict) -> str:
+    unmasked = a["top_layers"] - a["masked_layers"]
+    if not unmasked:
+        return "every adapter masked"
+    return f"the {unmasked} adapter layer(s) below train on every instance with no mask"
+
+
 def markdown(r: dict) -> str:
     a = r["arguments"]
     below = 6 - a["top_layers"]
     lines = [
-        "# Turn-over influence on the default model's design: MiniLM-L6 + adapters in the top two layers",
+        "# Turn-over influence on the default model's design: MiniLM-L6 + adapters in the top "
+        f"{a['top_layers']} layer(s), masks on the top {a['masked_layers']}",
         "",
         f"Written by `benchmarks/minilm_top_lds.py`. Command: `{r['command']}`",
         f"Wall time {r['wall_seconds'] / 60:.1f} min on {r['machine']} ({a['threads']} torch thread(s), other jobs "
@@ -242,8 +262,9 @@ def markdown(r: dict) -> str:
         "",
         f"* all-MiniLM-L6-v2 (frozen) + `seq_bn` adapters in the top {a['top_layers']} encoder layers "
         f"({a['width']} units in the top one, {a['lower_width']} below: `wide_adapter_config(config, {a['width']}, "
-        f"{a['top_layers']}, lower_width={a['lower_width']})`) + classifier; turn-over (p = 0.5) on every adapter's "
-        "adapter_down output and on the classifier input. Trainable: the adapters and the classifier "
+        f"{a['top_layers']}, lower_width={a['lower_width']})`) + classifier; turn-over (p = 0.5) on the adapter_down "
+        f"output of the adapters in the top {a['masked_layers']} layer(s) (`{r['turnover_target_modules']}`; "
+        f"{_masked_note(a)}) and on the classifier input. Trainable: the adapters and the classifier "
         f"({r['trainable_parameters']:,} parameters). Plain dropout off: turn-over is the only dropout.",
         f"* AdamW lr {a['learning_rate']:g} (no weight decay), {a['num_train_epochs']} epoch(s), batch "
         f"{a['batch_size']}, linear schedule with {a['warmup_ratio']:.0%} warm-up, length-grouped minibatches "
@@ -303,11 +324,17 @@ def markdown(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_benchmark_arguments(MiniLMTopArguments, argv, SMOKE)
+    if args.masked_layers is None:
+        args.masked_layers = args.top_layers
+    if not 1 <= args.masked_layers <= args.top_layers:
+        raise ValueError(f"masked_layers={args.masked_layers} must lie in [1, top_layers={args.top_layers}].")
     start = time.perf_counter()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(M.backbone_path())
-    model = M.build_model(args.width, args.seed, top_layers=args.top_layers, lower_width=args.lower_width)
+    partial = args.masked_layers < args.top_layers  # else the library's default: every adapter_down
+    model = M.build_model(args.width, args.seed, top_layers=args.top_layers, lower_width=args.lower_width,
+                          target_modules=masked_target_modules(args) if partial else None)  # fmt: skip
     top.no_dropout(model)
     below = top.frozen_below(model)
     t0 = time.perf_counter()
@@ -319,6 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": f"{platform.machine()} CPU, torch {torch.__version__}", "num_train": args.num_train,
         "num_targets": args.num_targets, "num_val": len(s.val_y), "num_test": len(data["test"][1]),
         "cache_seconds": time.perf_counter() - t0, "train_label_balance": float(s.train_y.mean()),
+        "turnover_target_modules": get_turnover_config(model).target_modules,
+        "masked_modules": turnover_layers(model),
     }  # fmt: skip
     results.update(run(args, model, tokenizer, s, data, below))
     results["wall_seconds"] = time.perf_counter() - start

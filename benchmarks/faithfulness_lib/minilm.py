@@ -86,10 +86,11 @@ def backbone_path() -> str:
 
 
 def build_model(
-    width: int, seed: int, architecture: str = "seq_bn", **overrides
+    width: int, seed: int, architecture: str = "seq_bn", *, target_modules: str | None = None, **overrides
 ) -> TurnoverBertForSequenceClassification:
     """MiniLM + ``width``-unit adapter in the top layer + classifier; turn-over (p=0.5, mask seed ``seed``) on
-    every adapter_down output and the classifier input. Adapter and classifier init drawn from ``seed``."""
+    every adapter_down output (or the ``target_modules`` regex) and the classifier input. Adapter and classifier
+    init drawn from ``seed``."""
     from transformers import BertConfig
     from transformers.utils import logging
 
@@ -98,10 +99,12 @@ def build_model(
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # "classifier newly initialised" is expected
     try:
+        targets = {} if target_modules is None else {"target_modules": target_modules}
+        turnover = TurnoverConfig(p=0.5, seed=seed, **targets)
         adapter = wide_adapter_config(BertConfig.from_pretrained(path), width=width, architecture=architecture,
                                       **overrides)  # fmt: skip
         model = TurnoverBertForSequenceClassification.from_backbone(
-            path, adapter_name=ADAPTER_NAME, adapter_config=adapter, turnover=TurnoverConfig(p=0.5, seed=seed)
+            path, adapter_name=ADAPTER_NAME, adapter_config=adapter, turnover=turnover
         )
     finally:
         logging.set_verbosity(verbosity)
