@@ -5,18 +5,25 @@ Full run (the numbers of benchmarks/results_minilm_top2/):
 
     nice -n 10 python benchmarks/minilm_top_lds.py --output_dir benchmarks/results_minilm_top2
 
+Masks on the top layer's adapter only, the adapter below it trained unmasked (the paper's "masks on the later
+layers" set-up; benchmarks/results_minilm_top2_masked1/):
+
+    nice -n 10 python benchmarks/minilm_top_lds.py --output_dir benchmarks/results_minilm_top2_masked1 \
+        --top_layers 2 --masked_layers 1
+
 Smoke run (< 90 s; what tests/test_minilm_top_lds.py runs):
 
     python benchmarks/minilm_top_lds.py --output_dir /tmp/minilm_top_lds --smoke true
 
-The design (``benchmarks/default_model_sweep.py``): ``width`` adapter units in the top layer, ``lower_width`` in each
-layer below it down to ``top_layers``, turn-over (p = 0.5) on every ``adapter_down`` output and on the classifier
-input, AdamW at a fixed lr, linear schedule with warm-up, length-grouped minibatches. MiniLM runs once per sentence
-to cache the output of the frozen layers (every position); the model then trains and is scored on that cache as
-itself (``faithfulness_lib/minilm_top.py``). The reference model is trained on N sentences; ``num_subsets`` random
-halves are retrained from the same initial parameters, minibatch sequence, lr schedule and masks. Turn-over exact and
-linear (``hf_turnover.estimate_influence``) and the peers (exact last-layer influence function, gradient dot product,
-TracIn, random) are scored by LDS against them and take the identical-class test on the predicted labels.
+The design (``benchmarks/default_model_sweep.py``): ``width`` adapter units in the top layer, ``lower_width`` in
+each layer below it down to ``top_layers``, turn-over (p = 0.5) on the ``adapter_down`` output of the top
+``masked_layers`` layers (default: all ``top_layers``) and on the classifier input, AdamW at a fixed lr, linear
+schedule with warm-up, length-grouped minibatches. MiniLM runs once per sentence to cache the output of the frozen
+layers (every position); the model then trains and is scored on that cache as itself
+(``faithfulness_lib/minilm_top.py``). The reference model is trained on N sentences; ``num_subsets`` random halves
+are retrained from the same initial parameters, minibatch sequence, lr schedule and masks. Turn-over exact and
+linear (``hf_turnover.estimate_influence``) and the peers (exact last-layer influence function, gradient dot
+product, TracIn, random) are scored by LDS against them and take the identical-class test on the predicted labels.
 """
 
 from __future__ import annotations
