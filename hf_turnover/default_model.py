@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_directory, atomic_path
 from .fingerprint import check_fingerprint
+from .model import turnover_layers
 from .modeling_turnover import (
     WEIGHTS_NAME,
     TurnoverBertForSequenceClassification,
@@ -102,6 +103,9 @@ def lds_rows(path: str | os.PathLike, model: torch.nn.Module) -> list[dict[str, 
     layers = model.config.num_hidden_layers
     expected = [(layers - args["top_layers"] + i, args["lower_width"]) for i in range(args["top_layers"] - 1)]
     expected.append((layers - 1, args["width"]))
+    # the layers with masked adapters (benchmark: the top masked_layers of them)
+    expected.append(("masked adapter layers", args.get("masked_layers") or args["top_layers"]))
+    widths.append(("masked adapter layers", sum(n.endswith("adapter_down") for n in turnover_layers(model))))
     if widths != expected:
         raise ValueError(
             f"{path} measured adapters {expected} (layer, units), but the model has {widths}: its LDS would "

@@ -68,7 +68,7 @@ def test_default_model_card_takes_lds_rows_of_its_own_set_up_only(tmp_path):
     import adapters
     from transformers import BertConfig, BertForSequenceClassification
 
-    from hf_turnover import wide_adapter_config
+    from hf_turnover import add_turnover, wide_adapter_config
     from hf_turnover.card import model_card
     from hf_turnover.default_model import add_lds_to_card, lds_rows
 
@@ -77,6 +77,7 @@ def test_default_model_card_takes_lds_rows_of_its_own_set_up_only(tmp_path):
     )
     adapters.init(model)
     model.add_adapter("task", config=wide_adapter_config(model.config, 70, 2, lower_width=9))
+    add_turnover(model)  # masks on both adapters and the classifier input
     report = {
         "arguments": {"top_layers": 2, "width": 70, "lower_width": 9, "num_subsets": 32},
         "num_train": 2000,
@@ -86,10 +87,11 @@ def test_default_model_card_takes_lds_rows_of_its_own_set_up_only(tmp_path):
     (tmp_path / "ok.json").write_text(json.dumps(report))
     rows = lds_rows(tmp_path / "ok.json", model)
     assert rows[0]["value"] == -0.05 and "N = 2,000" in rows[0]["setting"]
-    report["arguments"]["width"] = 1536
-    (tmp_path / "other.json").write_text(json.dumps(report))
-    with pytest.raises(ValueError, match="would describe another set-up"):
-        lds_rows(tmp_path / "other.json", model)
+    for key, value in (("width", 1536), ("masked_layers", 1)):
+        other = {**report, "arguments": {**report["arguments"], key: value}}
+        (tmp_path / "other.json").write_text(json.dumps(other))
+        with pytest.raises(ValueError, match="would describe another set-up"):
+            lds_rows(tmp_path / "other.json", model)
 
     from conftest import make_tiny_bert
 
