@@ -152,7 +152,7 @@ class RecipeArguments:
     method: str = field(
         default="linear",
         metadata={
-            "help": "Scoring of the explanations: 'linear' (first order in the masks) or 'exact' (the paper)."
+            "help": "Scoring of the explanations and self-influence: 'linear' (first order in the masks) or 'exact' (the paper)."
         },
     )
     paper_scale: bool = field(

@@ -201,7 +201,7 @@ def write_influence_outputs(
 ) -> int:  # fmt: skip
     """Self-influence parquet + histogram, and the Markdown report; returns how many errors were explained."""
     start = time.time()
-    scores = self_influence(model, train_tok, batch_size=batch_size)
+    scores = self_influence(model, train_tok, batch_size=batch_size, method=recipe.method)
     timings["self_influence_s"] = time.time() - start
     save_scores(scores, output / "self_influence.parquet")
     plot_self_influence(scores, output / "self_influence.png")

@@ -145,3 +145,69 @@ def test_push_to_a_real_private_repo(local):
     finally:
         for repo, kind in zip(repos, ("model", "model", "dataset"), strict=True):
             api.delete_repo(repo, repo_type=kind, missing_ok=True)
+
+
+PUSH_DEFAULT = """
+import json, sys
+from transformers import AutoTokenizer
+from hf_turnover.default_model import DEFAULT_MODEL_DIR, load_default_model
+from hf_turnover.hub import push_turnover_model
+from hf_turnover.modeling_turnover import resolve_base_model
+from hf_turnover.training_set import load_training_set
+
+model = load_default_model()
+tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(model.config.turnover_base_model))
+train = load_training_set(DEFAULT_MODEL_DIR, model.config.turnover_training)
+push_turnover_model(model, sys.argv[1], tokenizer=tokenizer, train_dataset=train, private=True)
+print(json.dumps({"ok": True}))
+"""
+
+LOAD_DEFAULT = """
+import json, sys
+import datasets
+from huggingface_hub import hf_hub_download
+from transformers import AutoModelForSequenceClassification, pipeline
+
+repo, target, ids, texts = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
+model = AutoModelForSequenceClassification.from_pretrained(repo, trust_remote_code=True)
+train = datasets.Dataset.from_parquet(hf_hub_download(repo, "training_set.parquet"))
+out = {"hf_turnover_imported": "hf_turnover" in sys.modules}
+for method in ("exact", "linear"):
+    scores = model.estimate_influence(train, [target], train_ids=ids, method=method, progress=False)
+    out[method] = dict(zip(map(str, scores["train_id"]), scores["score"]))
+out["explained"] = pipeline(model=repo, trust_remote_code=True)(texts, top_k=3)
+print(json.dumps(out))
+"""
+
+
+def test_default_model_round_trips_through_push_and_remote_code(tmp_path):
+    """The embedded default, pushed to the test double as a full model and loaded back by a process without
+    hf_turnover: the same exact scores bit for bit, linear scores and explanations to float rounding."""
+    from test_pipeline import assert_close
+    from transformers import AutoTokenizer
+
+    from hf_turnover.default_model import DEFAULT_MODEL_DIR, load_default_model
+    from hf_turnover.modeling_turnover import resolve_base_model
+    from hf_turnover.training_set import load_training_set
+
+    model = load_default_model()
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(model.config.turnover_base_model))
+    train = load_training_set(DEFAULT_MODEL_DIR, model.config.turnover_training)
+    target = {**dict(tokenizer("A gorgeous, witty, seductive movie.")), "label": 1}
+    ids = [int(i) for i in train.select(range(40))["instance_id"]]
+    local = {
+        method: estimate_influence(model, train, [target], train_ids=ids, method=method, progress=False)
+        for method in ("exact", "linear")
+    }
+    texts = ["A gorgeous, witty, seductive movie.", "The plot is a mess."]
+    explained = InfluencePipeline(model=model, tokenizer=tokenizer, train_dataset=train)(texts, top_k=3)
+    with HubDouble(tmp_path / "hub") as hub:
+        run_fresh(PUSH_DEFAULT, tmp_path, hub.client_env(tmp_path / "push"), "test-user/default", block=False)
+        args = ("test-user/default", json.dumps(target), json.dumps(ids), json.dumps(texts))
+        out = run_fresh(LOAD_DEFAULT, tmp_path, hub.client_env(tmp_path / "load"), *args)
+    assert not out["hf_turnover_imported"]
+    exact = dict(zip(map(str, local["exact"]["train_id"]), local["exact"]["score"], strict=True))
+    assert out["exact"] == exact and len(exact) == 40
+    linear = dict(zip(map(str, local["linear"]["train_id"]), local["linear"]["score"], strict=True))
+    assert out["linear"] == pytest.approx(linear, rel=1e-4, abs=1e-6)
+    assert_close(out["explained"], json.loads(json.dumps(explained)), tol=1e-5)
