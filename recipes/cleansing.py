@@ -166,7 +166,9 @@ class CleansingTrainingArguments(RecipeTrainingArguments):
     learning_rate: float = field(
         default=3e-3, metadata={"help": "AdamW learning rate (adapters + classifier)."}
     )
-    num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs of every training run."})
+    num_train_epochs: float = field(
+        default=1.0, metadata={"help": "Epochs of every training run (chosen on the target validation set)."}
+    )
     warmup_ratio: float = field(default=0.06, metadata={"help": "Linear warm-up, then linear decay."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Training batch size."})
     per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size."})
