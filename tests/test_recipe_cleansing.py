@@ -69,9 +69,8 @@ def test_cached_model_equals_the_full_model(recipe, backbone, adapter_layers):
     expected = full(**tokens).logits
     got = cached(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(
-        expected, full.bert.pooler(full.bert(**tokens).last_hidden_state) @ torch.zeros(32, 2)
-    )
+    full.set_active_adapters(None)
+    assert not torch.allclose(full(**tokens).logits, expected, atol=1e-3)  # the adapters take part
 
 
 def test_peer_scores_are_what_they_claim(recipe, backbone):
