@@ -2,21 +2,25 @@
 
     python recipes/cleansing.py --output_dir runs/cleansing
 
-1. Train a sentiment classifier with turn-over dropout on the movie sentences (bundled Rotten Tomatoes train).
-2. Mean influence of every training sentence on the 200 Amazon electronics validation sentences.
-3. Remove the 1% of training sentences with the most negative mean influence (they raised the target loss).
-4. Retrain WITHOUT turn-over on the cleansed set, on the full set and on the set minus 1% random sentences, for
-   4 seeds; report accuracy and loss on the electronics test set (mean +- std).
+1. Train a sentiment classifier with turn-over dropout on the movie sentences (bundled Rotten Tomatoes train,
+   8,454 sentences): all-MiniLM-L6-v2 with ``seq_bn`` bottleneck adapters in its top 3 layers (1,536 units in the
+   top one, 384 in the two below), turn-over masks on those adapters and on the classifier input.
+2. Mean influence (linearized) of every training sentence on the 200 Amazon electronics validation sentences;
+   the peer scores (gradient dot product, last-layer influence function, training loss) on the same model.
+3. Remove the 1% of training sentences with the most negative score (they raised the target loss) by each method.
+4. Retrain WITHOUT turn-over (ordinary dropout) on the full set, on the set minus 1% random sentences and on each
+   cleansed set, for 4 seeds; report accuracy and loss on the 3,410 electronics test sentences (mean +- standard
+   error) and each condition minus random removal, paired by seed.
 
-Writes `table.md`, `results.json`, `cleansing.png`, `removed.md` and `mean_influence.parquet` to --output_dir.
+Writes `table.md`, `results.json`, `cleansing.png`, `removed.md`, `mean_influence.parquet` and
+`peer_scores.parquet` to --output_dir.
 
-`--setup frozen` (default, sized for a 2-core CPU): the sentence encoder (all-MiniLM-L6-v2, mean pooling) is
-frozen and run once per sentence (cached); the classifier is an MLP whose hidden units feed the masked head.
-`--setup adapters` (the paper's fine-tuning, sized for a GPU): the encoder with Houlsby adapters, turn-over on
-the adapters of the top `--turnover_top_layers` layers and on the classifier input, e.g.
-
-    python recipes/cleansing.py --setup adapters --model_name_or_path bert-base-cased \
-        --learning_rate 1e-4 --num_train_epochs 3 --output_dir runs/cleansing_bert
+`--setup adapters` (default): the adapters of the top `--adapter_layers` layers and the classifier are fine-tuned;
+the backbone is frozen. The layers below the adapters therefore compute the same output in every epoch: they run
+once per sentence, in eval mode (no dropout there), and their output is cached in `--cache_dir` (default
+`--output_dir/cache`); the models take it as ``inputs_embeds``. After the last attention only [CLS] is computed.
+`--setup frozen`: the sentence encoder (mean pooling) is frozen and cached whole, and an MLP on the sentence
+embeddings is trained (the earlier default).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 from cleansing_parts import (
     PreparedData,
     build_classifier,
@@ -37,13 +42,15 @@ from cleansing_parts import (
     load_splits,
     most_harmful,
     plot,
+    removal_stats,
     removed_report,
+    summarize,
     without,
 )
+from cleansing_peers import PEERS, peer_scores
 from common import (
     AccuracyMetric,
     RecipeTrainingArguments,
-    mean_std,
     parse_arguments,
     push_outputs,
     train_model,
@@ -54,16 +61,19 @@ from hf_turnover.atomic import atomic_write_text
 from hf_turnover.config import TurnoverArguments
 from hf_turnover.influence import mean_influence
 from hf_turnover.model import get_turnover_config
-from hf_turnover.results import save_scores
+from hf_turnover.results import save_scores, scores_dataset
 
 logger = logging.getLogger(__name__)
-PAPER = {"no cleansing": (77.0, 0.9), "random removal": (76.8, 1.1), "cleansing": (78.3, 0.2)}
+TURNOVER = "turn-over mean influence"
 
 
 @dataclass
 class CleansingArguments:
     setup: str = field(
-        default="frozen", metadata={"help": "'frozen' (CPU-sized) or 'adapters' (the paper's)."}
+        default="adapters",
+        metadata={
+            "help": "'adapters' (fine-tuned top-layer adapters) or 'frozen' (an MLP on sentence embeddings)."
+        },
     )
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Encoder path or Hub id; default: the offline all-MiniLM-L6-v2."}
@@ -86,17 +96,33 @@ class CleansingArguments:
     max_seq_length: int = field(default=64, metadata={"help": "Tokens per sentence (longer are truncated)."})
     remove_fraction: float = field(default=0.01, metadata={"help": "Fraction of training rows to remove."})
     num_seeds: int = field(default=4, metadata={"help": "Retraining seeds per condition: seed, seed+1, ..."})
-    hidden_size: int = field(
-        default=1536,
+    peers: str = field(
+        default=",".join(PEERS),
+        metadata={"help": f"Comma-separated peer rankings to retrain with, of {PEERS} ('' for none)."},
+    )
+    adapter_layers: int = field(
+        default=3,
         metadata={
-            "help": "MLP hidden units, the masked units (frozen setup; wide: see benchmarks/RESULTS.md)."
+            "help": "Adapters setup: seq_bn adapters in the top N layers; the layers below are cached."
         },
     )
-    hidden_dropout: float = field(default=0.1, metadata={"help": "Ordinary dropout of the retrained models."})
-    turnover_top_layers: int = field(
-        default=1, metadata={"help": "Adapters setup: mask the adapters of the top N layers (see below)."}
+    adapter_width: int = field(
+        default=1536,
+        metadata={"help": "Adapters setup: units of the top layer's adapter (the wide masked layer)."},
     )
-    adapter_config: str = field(default="double_seq_bn", metadata={"help": "Adapters setup: adapter type."})
+    lower_adapter_width: int = field(
+        default=384, metadata={"help": "Adapters setup: units of each adapter below the top layer."}
+    )
+    turnover_top_layers: int | None = field(
+        default=None,
+        metadata={"help": "Adapters setup: mask the adapters of the top N layers (default: every adapter)."},
+    )
+    hidden_size: int = field(
+        default=1536, metadata={"help": "Frozen setup: MLP hidden units, the masked units."}
+    )
+    hidden_dropout: float = field(
+        default=0.1, metadata={"help": "Frozen setup: ordinary dropout of the retrained MLPs."}
+    )
     influence_method: str = field(
         default="linear",
         metadata={"help": "Mean influence: 'linear' (first order in the masks) or 'exact' (the paper)."},
@@ -104,15 +130,22 @@ class CleansingArguments:
     influence_batch_size: int | None = field(
         default=None, metadata={"help": "Training ids per scoring forward (default: sized to the input)."}
     )
-    cache_dir: str | None = field(default=None, metadata={"help": "Sentence-embedding cache (frozen setup)."})
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Cache of the frozen encoder's outputs (default: --output_dir/cache)."},
+    )
 
     def __post_init__(self) -> None:
         if self.setup not in ("frozen", "adapters"):
-            raise ValueError(f"--setup {self.setup!r} is unknown; use 'frozen' or 'adapters'.")
+            raise ValueError(f"--setup {self.setup!r} is unknown; use 'adapters' or 'frozen'.")
         if not 0.0 < self.remove_fraction < 1.0:
             raise ValueError(f"--remove_fraction must lie in (0, 1), got {self.remove_fraction}.")
         if self.num_seeds < 1:
             raise ValueError(f"--num_seeds must be >= 1, got {self.num_seeds}.")
+        self.peer_list = [p for p in self.peers.split(",") if p]
+        unknown = set(self.peer_list) - set(PEERS)
+        if unknown:
+            raise ValueError(f"--peers {sorted(unknown)} unknown; choose from {PEERS}.")
 
 
 @dataclass
@@ -120,9 +153,9 @@ class CleansingTurnoverArguments(TurnoverArguments):
     turnover_target_modules: str | None = field(
         default=None,
         metadata={
-            "help": "Modules whose output units are masked (regex, full match). Default: none for --setup frozen "
-            "(the MLP's hidden units are masked at the classifier input), the adapters of the top "
-            "--turnover_top_layers layers for --setup adapters."
+            "help": "Modules whose output units are masked (regex, full match). Default: the adapters of the top "
+            "--turnover_top_layers layers (adapters setup); none for --setup frozen (the MLP's hidden units are "
+            "masked at the classifier input)."
         },
     )
 
@@ -130,26 +163,38 @@ class CleansingTurnoverArguments(TurnoverArguments):
 @dataclass
 class CleansingTrainingArguments(RecipeTrainingArguments):
     output_dir: str = field(default="runs/cleansing", metadata={"help": "Where the results go."})
-    num_train_epochs: float = field(default=4.0, metadata={"help": "Epochs of every training run."})
-    per_device_train_batch_size: int = field(default=128, metadata={"help": "Training batch size."})
+    learning_rate: float = field(
+        default=3e-3, metadata={"help": "AdamW learning rate (adapters + classifier)."}
+    )
+    num_train_epochs: float = field(
+        default=1.0, metadata={"help": "Epochs of every training run (chosen on the target validation set)."}
+    )
+    warmup_ratio: float = field(default=0.06, metadata={"help": "Linear warm-up, then linear decay."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Training batch size."})
     per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size."})
+    group_by_length: bool = field(
+        default=True, metadata={"help": "Batches of similar lengths (less padding)."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep the length column for group_by_length; the collator drops it."}
+    )
 
 
-def run_conditions(cleansing_args, training_args, data: PreparedData, removed: list[int]) -> list[dict]:
+def run_conditions(args, training_args, data: PreparedData, removals: dict[str, list[int]]) -> list[dict]:
     """Retrain without turn-over under each condition and seed; electronics test accuracy and loss."""
-    n_remove = len(removed)
-    rows = {name: {"condition": name, "accuracies": [], "losses": []} for name in PAPER}
-    seeds = [training_args.seed + offset for offset in range(cleansing_args.num_seeds)]
+    n_remove = len(next(iter(removals.values())))
+    names = ["no removal", "random removal", *removals]
+    rows = {name: {"condition": name, "accuracies": [], "losses": []} for name in names}
+    seeds = [training_args.seed + offset for offset in range(args.num_seeds)]
     for seed in seeds:
-        random_ids = set(random.Random(seed).sample(range(len(data.train)), n_remove))
-        subsets = {
-            "no cleansing": data.train,
-            "random removal": without(data.train, random_ids),
-            "cleansing": without(data.train, set(removed)),
-        }
+        subsets = {"no removal": data.train}
+        subsets["random removal"] = without(
+            data.train, set(random.Random(seed).sample(range(len(data.train)), n_remove))
+        )
+        subsets.update({name: without(data.train, set(ids)) for name, ids in removals.items()})
         for name, train in subsets.items():
             training_args.seed = training_args.data_seed = seed
-            build = partial(build_classifier, cleansing_args, None, data)
+            build = partial(build_classifier, args, None, data)
             trainer = train_model(
                 build, training_args, train, data_collator=data.collator, compute_metrics=AccuracyMetric()
             )
@@ -157,54 +202,64 @@ def run_conditions(cleansing_args, training_args, data: PreparedData, removed: l
             rows[name]["accuracies"].append(metrics["test_accuracy"])
             rows[name]["losses"].append(metrics["test_loss"])
             logger.info(f"seed {seed} {name}: accuracy {metrics['test_accuracy']:.4f}")
-    for row in rows.values():
-        row["seeds"] = seeds
-        row["accuracy_mean"], row["accuracy_std"] = mean_std(row["accuracies"])
-        row["loss_mean"], row["loss_std"] = mean_std(row["losses"])
-        row["paper_accuracy_mean"], row["paper_accuracy_std"] = PAPER[row["condition"]]
-    return list(rows.values())
+    return summarize(list(rows.values()), seeds)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; ``argv`` as on the command line (``None``: ``sys.argv[1:]``). Returns results.json."""
-    cleansing_args, turnover_args, training_args = parse_arguments(
+    args, turnover_args, training_args = parse_arguments(
         (CleansingArguments, CleansingTurnoverArguments, CleansingTrainingArguments), argv
     )
     started, output, base_seed = time.time(), Path(training_args.output_dir), training_args.seed
-    data = encode_splits(cleansing_args, load_splits(cleansing_args), output)
+    if args.setup == "frozen":  # one embedding per sentence: no lengths to group by, only model columns
+        training_args.group_by_length, training_args.remove_unused_columns = False, True
+    data = encode_splits(args, load_splits(args), output)
 
-    # 1-2. Train with turn-over masks; mean influence of every training sentence on the target validation set.
+    # 1-2. Train with turn-over masks; mean influence of every training sentence on the target validation set,
+    # and the peer scores on the same model.
     training_args.data_seed = base_seed
-    build = partial(build_classifier, cleansing_args, turnover_args, data)
+    build = partial(build_classifier, args, turnover_args, data)
     trainer = train_model(
         build, training_args, data.train, data_collator=data.collator, compute_metrics=AccuracyMetric()
     )
+    validation_accuracy = trainer.evaluate(data.validation, metric_key_prefix="validation")
     scores = mean_influence(
-        trainer.model, data.train, data.validation, method=cleansing_args.influence_method,
-        batch_size=cleansing_args.influence_batch_size,
+        trainer.model, data.train, data.validation, method=args.influence_method,
+        batch_size=args.influence_batch_size,
     )  # fmt: skip
     save_scores(scores, output / "mean_influence.parquet")
+    peers = peer_scores(trainer.model, data.train, data.validation, data.collator)
+    ids = np.asarray(data.train["instance_id"])
+    save_scores(
+        scores_dataset({"train_id": ids, **peers}, {"kind": "peer_scores"}), output / "peer_scores.parquet"
+    )
 
-    # 3. Remove the most harmful fraction; 4. retrain without turn-over under each condition.
-    removed = most_harmful(scores, cleansing_args.remove_fraction)
-    text = removed_report(scores, data.train, cleansing_args.text_column, removed)
-    atomic_write_text(output / "removed.md", text)
-    rows = run_conditions(cleansing_args, training_args, data, removed)
-    table = format_table(rows, len(data.train), len(removed), cleansing_args.num_seeds)
+    # 3. Remove the most harmful fraction by each method; 4. retrain without turn-over under each condition.
+    rankings = {TURNOVER: dict(zip(scores["train_id"], scores["score"], strict=True))}
+    rankings.update({name: dict(zip(ids.tolist(), peers[name], strict=True)) for name in args.peer_list})
+    removals = {name: most_harmful(ranking, args.remove_fraction) for name, ranking in rankings.items()}
+    atomic_write_text(
+        output / "removed.md",
+        removed_report(rankings[TURNOVER], data.train, args.text_column, removals[TURNOVER]),
+    )
+    rows = run_conditions(args, training_args, data, removals)
+    table = format_table(rows, len(data.train), len(removals[TURNOVER]), args.num_seeds)
     print(table)
     atomic_write_text(output / "table.md", table)
-    cutoff = dict(zip(scores["train_id"], scores["score"], strict=True))[removed[-1]]  # least harmful removed
-    plot(scores, cutoff, rows, output / "cleansing.png")
+    plot(scores, rankings[TURNOVER][removals[TURNOVER][-1]], rows, output / "cleansing.png")
     results = {
-        "arguments": asdict(cleansing_args),
+        "arguments": asdict(args),
         "turnover": get_turnover_config(trainer.model).to_dict(),
         "seed": base_seed,
         "num_train_epochs": training_args.num_train_epochs,
         "learning_rate": training_args.learning_rate,
+        "per_device_train_batch_size": training_args.per_device_train_batch_size,
         "num_train": len(data.train),
         "num_targets": len(data.validation),
         "num_test": len(data.test),
-        "removed_train_ids": removed,
+        "turnover_model_validation_accuracy": validation_accuracy.get("validation_accuracy"),
+        "removed_train_ids": removals,
+        "removal_stats": removal_stats(removals, rankings, data.train, -peers["loss"]),
         "rows": rows,
         "runtime_s": round(time.time() - started, 1),
     }

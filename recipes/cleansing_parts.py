@@ -6,21 +6,24 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import adapters
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from common import SmallPreTrainedModel, default_backbone, markdown_table, pyplot, save_figure
+from common import SmallPreTrainedModel, default_backbone, markdown_table, mean_std, pyplot, save_figure
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import (
+    AutoConfig,
     AutoModel,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    DataCollatorWithPadding,
     PretrainedConfig,
     default_data_collator,
 )
@@ -30,6 +33,8 @@ from hf_turnover.atomic import atomic_path
 from hf_turnover.config import TurnoverArguments
 from hf_turnover.data import load_text_classification
 from hf_turnover.model import add_turnover
+from hf_turnover.reuse import tail_entry
+from hf_turnover.wide import wide_adapter_config
 
 
 class EmbeddingClassifierConfig(PretrainedConfig):
@@ -73,6 +78,7 @@ class PreparedData:
     collator: object
     model_path: str
     input_size: int = 0
+    cached_layers: int = 0  # adapters setup: the bottom layers whose output the splits hold
 
 
 @torch.inference_mode()
@@ -80,53 +86,102 @@ def encode(model_path: str, sentences: list[str], max_length: int, batch_size: i
     """Mean-pooled, L2-normalised sentence embeddings ``(N, D)``, as all-MiniLM-L6-v2 was trained to give."""
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     encoder = AutoModel.from_pretrained(model_path).eval()
-    order = np.argsort([len(s) for s in sentences], kind="stable")  # similar lengths per batch: less padding
     out = np.empty((len(sentences), encoder.config.hidden_size), dtype=np.float32)
-    for start in tqdm(range(0, len(order), batch_size), desc="Encoding sentences"):
-        rows = order[start : start + batch_size]
-        batch = tokenizer(
-            [sentences[i] for i in rows],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
+    for rows, batch in _length_sorted_batches(
+        tokenizer, sentences, max_length, batch_size, "Encoding sentences"
+    ):
         hidden = encoder(**batch).last_hidden_state  # (B, T, D)
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         out[rows] = F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1).numpy()
     return out
 
 
-def cached_encode(args: Any, model_path: str, sentences: list[str], cache_dir: Path) -> np.ndarray:
-    key = hashlib.sha256(json.dumps([model_path, args.max_seq_length, sentences]).encode()).hexdigest()[:16]
-    path = cache_dir / f"embeddings-{key}.npy"
-    if path.is_file():
-        return np.load(path)
-    embeddings = encode(model_path, sentences, args.max_seq_length)
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, embeddings)
-    return embeddings
+@torch.inference_mode()
+def bottom_layer_states(
+    model_path: str, sentences: list[str], max_length: int, layers: int, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hidden states after the embeddings and the bottom ``layers`` encoder layers (eval mode: no dropout), per
+    token of every sentence: ``(sum of lengths, D)`` float32 and the offsets ``(N + 1,)`` of each sentence."""
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    encoder = AutoModel.from_pretrained(model_path, add_pooling_layer=False).eval()
+    encoder.encoder.layer = encoder.encoder.layer[:layers]  # the layers above are not needed here
+    lengths = [len(ids) for ids in tokenizer(sentences, truncation=True, max_length=max_length)["input_ids"]]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    out = np.empty((offsets[-1], encoder.config.hidden_size), dtype=np.float32)
+    for rows, batch in _length_sorted_batches(tokenizer, sentences, max_length, batch_size, "Bottom layers"):
+        hidden = encoder(**batch).last_hidden_state  # (B, T, D)
+        for row, states in zip(rows, hidden, strict=True):
+            out[offsets[row] : offsets[row + 1]] = states[: lengths[row]].numpy()
+    return out, offsets
+
+
+def _length_sorted_batches(tokenizer, sentences: list[str], max_length: int, batch_size: int, desc: str):
+    order = np.argsort([len(s) for s in sentences], kind="stable")  # similar lengths per batch: less padding
+    for start in tqdm(range(0, len(order), batch_size), desc=desc):
+        rows = order[start : start + batch_size]
+        texts = [sentences[i] for i in rows]
+        yield (
+            rows,
+            tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"),
+        )
+
+
+def cached(compute, cache_dir: Path, kind: str, *key: Any) -> tuple[np.ndarray, ...]:
+    """``compute()`` (a tuple of arrays) once per ``key``, kept in ``cache_dir`` as ``<kind>-<hash>.npz``."""
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    path = cache_dir / f"{kind}-{digest}.npz"
+    if not path.is_file():
+        arrays = compute()
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, *arrays)
+    with np.load(path) as stored:
+        return tuple(stored[f"arr_{i}"] for i in range(len(stored.files)))
+
+
+def states_column(states: np.ndarray, offsets: np.ndarray) -> pa.Array:
+    """Per-sentence ``(T_i, D)`` states as one Arrow list column, without copying through Python lists."""
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(states.reshape(-1)), states.shape[1])
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), inner)
+
+
+class PadStates:
+    """Collates rows of cached states: pads ``inputs_embeds`` to the batch's longest row, adds the attention
+    mask, and drops the other columns (text, length) that Trainer keeps when ``remove_unused_columns=False``."""
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        states = [torch.as_tensor(f["inputs_embeds"]) for f in features]  # each (T_i, D)
+        lengths = torch.tensor([len(s) for s in states])
+        mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()  # (B, T)
+        batch = {"inputs_embeds": nn.utils.rnn.pad_sequence(states, batch_first=True), "attention_mask": mask}
+        batch["labels"] = torch.tensor([int(f["label"]) for f in features])
+        return batch
 
 
 def encode_splits(args: Any, splits: dict[str, datasets.Dataset], output: Path) -> PreparedData:
-    """Model inputs for every split: sentence embeddings (frozen setup) or token ids (adapters setup)."""
+    """Model inputs for every split: sentence embeddings (frozen setup) or the cached output of the layers below
+    the adapters (adapters setup)."""
     path = args.model_name_or_path or default_backbone()
+    cache_dir = Path(args.cache_dir) if args.cache_dir else output / "cache"
     if args.setup == "frozen":
-        cache_dir = Path(args.cache_dir) if args.cache_dir else output / "cache"
         feature = datasets.List(datasets.Value("float32"))
         for name, split in splits.items():
-            embeddings = cached_encode(args, path, list(split[args.text_column]), cache_dir)
+            sentences = list(split[args.text_column])
+            compute = lambda sentences=sentences: (encode(path, sentences, args.max_seq_length),)  # noqa: E731
+            (embeddings,) = cached(compute, cache_dir, "embeddings", path, args.max_seq_length, sentences)
             splits[name] = split.add_column("sentence_embedding", list(embeddings), feature=feature)
         return PreparedData(
             **splits, collator=default_data_collator, model_path=path, input_size=embeddings.shape[1]
         )
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    below = AutoConfig.from_pretrained(path).num_hidden_layers - args.adapter_layers
     for name, split in splits.items():
-        splits[name] = split.map(
-            lambda batch: tokenizer(batch[args.text_column], truncation=True, max_length=args.max_seq_length),
-            batched=True,
+        sentences = list(split[args.text_column])
+        compute = partial(bottom_layer_states, path, sentences, args.max_seq_length, below)
+        states, offsets = cached(compute, cache_dir, "states", path, args.max_seq_length, below, sentences)
+        split = split.add_column("length", np.diff(offsets).tolist())
+        splits[name] = split.add_column("inputs_embeds", states_column(states, offsets)).with_format(
+            "numpy", columns=["inputs_embeds"], output_all_columns=True
         )
-    return PreparedData(**splits, collator=DataCollatorWithPadding(tokenizer), model_path=path)
+    return PreparedData(**splits, collator=PadStates(), model_path=path, cached_layers=below)
 
 
 def load_splits(args: Any) -> dict[str, datasets.Dataset]:
@@ -155,20 +210,61 @@ def build_classifier(args: Any, turnover_args: TurnoverArguments | None, data: P
         config = EmbeddingClassifierConfig(data.input_size, args.hidden_size, dropout, num_labels=num_labels)
         model, targets = EmbeddingClassifier(config), ""
     else:
-        import adapters
-
-        model = AutoModelForSequenceClassification.from_pretrained(data.model_path, num_labels=num_labels)
-        adapters.init(model)
-        model.add_adapter("cleansing", config=args.adapter_config)
-        model.train_adapter("cleansing")
+        model = adapter_classifier(args, data.model_path, num_labels, data.cached_layers)
         n = model.config.num_hidden_layers
-        top = "|".join(str(i) for i in range(max(0, n - args.turnover_top_layers), n))
-        targets = rf".*\.layer\.(?:{top})\..*\.adapters\.cleansing\.adapter_down"
+        top = "|".join(str(i) for i in range(n - (args.turnover_top_layers or args.adapter_layers), n))
+        targets = rf"bert\.encoder\.layer\.(?:{top})\.output\.adapters\.cleansing\.adapter_down"
     if turnover_args:
         if turnover_args.turnover_target_modules is None:  # the set-up's default
             turnover_args = dataclasses.replace(turnover_args, turnover_target_modules=targets)
         add_turnover(model, turnover_args.to_config())
     return model
+
+
+def adapter_classifier(args: Any, path: str, num_labels: int, cached_layers: int) -> nn.Module:
+    """The backbone with ``seq_bn`` adapters in its top ``args.adapter_layers`` layers (``args.adapter_width``
+    units in the top one, ``args.lower_adapter_width`` below it) and a classifier; only the adapters and the
+    classifier train. The embeddings and the bottom ``cached_layers`` layers are replaced by pass-throughs: the
+    inputs are their cached output. After the last attention only [CLS] is computed (all the classifier reads)."""
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    n, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    adapter = wide_adapter_config(model.config, args.lower_adapter_width, args.adapter_layers)
+    factors = {
+        **adapter.reduction_factor,
+        str(n - 1): hidden / (args.adapter_width + 0.5),
+    }  # as wide.py rounds
+    adapters.init(model)
+    model.add_adapter("cleansing", config=adapter.replace(reduction_factor=factors))
+    model.train_adapter("cleansing")
+    model.bert.embeddings = CachedEmbeddings()
+    for index in range(cached_layers):
+        model.bert.encoder.layer[index] = CachedLayer()
+    probe = {"inputs_embeds": torch.zeros(1, 2, hidden), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
+    entry = tail_entry(model, probe)
+    if entry is not None:
+        model.get_submodule(entry).register_forward_pre_hook(_first_position, with_kwargs=True)
+    return model
+
+
+class CachedEmbeddings(nn.Module):
+    """Stands in for the embeddings: ``inputs_embeds`` already holds the output of the cached layers."""
+
+    def forward(self, inputs_embeds: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return inputs_embeds
+
+
+class CachedLayer(nn.Module):
+    """Stands in for a frozen bottom encoder layer whose output is cached: passes the hidden states through."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor]:
+        return (hidden_states,)
+
+
+def _first_position(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def cut(x: Any) -> Any:
+        return x[:, :1] if isinstance(x, torch.Tensor) and x.dim() >= 2 else x  # (B, T, ...) -> (B, 1, ...)
+
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
 
 
 def without(train: datasets.Dataset, ids: set[int]) -> datasets.Dataset:
@@ -177,9 +273,8 @@ def without(train: datasets.Dataset, ids: set[int]) -> datasets.Dataset:
 
 
 def removed_report(
-    scores: datasets.Dataset, train: datasets.Dataset, text_column: str, removed: list[int]
+    by_id: dict[int, float], train: datasets.Dataset, text_column: str, removed: list[int]
 ) -> str:
-    by_id = dict(zip(scores["train_id"], scores["score"], strict=True))
     rows = [
         [i, f"{by_id[i]:+.4g}", train[i]["label"], train[i][text_column]]
         for i in removed  # ids == row positions
@@ -188,39 +283,107 @@ def removed_report(
     return title + markdown_table(["train id", "mean influence", "label", "sentence"], rows)
 
 
+PAPER = {"no removal": [77.0, 0.9], "random removal": [76.8, 1.1], "turn-over mean influence": [78.3, 0.2]}
+
+
+def mean_se(values) -> tuple[float, float]:
+    """Mean and standard error (sample std / sqrt(n); 0.0 for one value)."""
+    mean, std = mean_std(values)
+    return mean, float(std / np.sqrt(len(values)))
+
+
+def summarize(rows: list[dict], seeds: list[int]) -> list[dict]:
+    """Means and standard errors per condition, and each condition minus random / no removal paired by seed."""
+    by_name = {r["condition"]: r for r in rows}
+    for row in rows:
+        row["seeds"] = seeds
+        row["accuracy_mean"], row["accuracy_se"] = mean_se(row["accuracies"])
+        row["loss_mean"], row["loss_se"] = mean_se(row["losses"])
+        for other, key in (("random removal", "vs_random"), ("no removal", "vs_none")):
+            diffs = np.subtract(row["accuracies"], by_name[other]["accuracies"])
+            row[f"accuracy_{key}"] = diffs.tolist()
+            row[f"accuracy_{key}_mean"], row[f"accuracy_{key}_se"] = mean_se(diffs)
+        row["paper_accuracy"] = PAPER.get(row["condition"])
+    return rows
+
+
+def removal_stats(
+    removals: dict[str, list[int]], rankings: dict[str, dict[int, float]], train, train_loss
+) -> dict:
+    """Per method: share of positive labels and of sentences the turn-over model gets wrong among the removed
+    (training loss > ln 2, i.e. the given label has probability < 0.5: mislabelled or ambiguous candidates), the
+    overlap with the other removal sets, and the Spearman correlation of the full rankings."""
+    labels = np.asarray(train["label"])
+    wrong = np.asarray(train_loss) > np.log(2.0)
+    names = list(removals)
+    order = {n: np.argsort(np.argsort([rankings[n][i] for i in range(len(labels))])) for n in names}
+    out = {"base_positive": float(labels.mean()), "base_misclassified": float(wrong.mean())}
+    for name, ids in removals.items():
+        out[name] = {
+            "positive": float(labels[ids].mean()),
+            "misclassified": float(wrong[ids].mean()),
+            "overlap": {other: len(set(ids) & set(removals[other])) for other in names if other != name},
+            "spearman": {
+                other: float(np.corrcoef(order[name], order[other])[0, 1]) for other in names if other != name
+            },
+        }
+    out["random_overlap_expected"] = len(next(iter(removals.values()))) ** 2 / len(labels)
+    return out
+
+
+def _cell(mean: float, se: float, scale: float = 100.0, signed: bool = False) -> str:
+    return f"{scale * mean:{'+' if signed else ''}.2f} +- {scale * se:.2f}"
+
+
 def format_table(rows: list[dict], n_train: int, n_removed: int, num_seeds: int) -> str:
     headers = [
         f"Condition ({n_train} training sentences, {n_removed} removed, {num_seeds} seeds)",
-        "Accuracy (%)",
+        "Test accuracy (%)",
+        "minus random removal (points, paired)",
+        "minus no removal (points, paired)",
+        "Test loss",
+        "Paper, 1% removed (%)",
     ]
     cells = [
         [
             r["condition"],
-            f"{100 * r['accuracy_mean']:.1f} +- {100 * r['accuracy_std']:.1f}",
-            f"{r['loss_mean']:.3f} +- {r['loss_std']:.3f}",
-            f"{r['paper_accuracy_mean']:.1f} +- {r['paper_accuracy_std']:.1f}",
+            _cell(r["accuracy_mean"], r["accuracy_se"]),
+            _cell(r["accuracy_vs_random_mean"], r["accuracy_vs_random_se"], signed=True),
+            _cell(r["accuracy_vs_none_mean"], r["accuracy_vs_none_se"], signed=True),
+            _cell(r["loss_mean"], r["loss_se"], scale=1.0),
+            "{:.1f} +- {:.1f}".format(*r["paper_accuracy"]) if r["paper_accuracy"] else "",
         ]
         for r in rows
     ]
-    return markdown_table([*headers, "Loss", "Paper, 1% removed (%)"], cells)
+    return (
+        markdown_table(headers, cells)
+        + "\nMean +- standard error over seeds (std / sqrt(n)); the paper's column is mean +- std.\n"
+    )
 
 
 def plot(scores: datasets.Dataset, cutoff: float, rows: list[dict], path: Path) -> None:
-    fig, (left, right) = pyplot().subplots(1, 2, figsize=(10, 3.6))
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [1, 1.5]})
     left.hist(scores["score"], bins=60, color="tab:blue")
     left.axvline(cutoff, color="tab:red", linestyle="--", label="removal cut-off")
-    left.set(xlabel="mean influence on the target validation set", ylabel="training sentences", yscale="log")
+    left.set(
+        xlabel="turn-over mean influence on the target validation set",
+        ylabel="training sentences",
+        yscale="log",
+    )
     left.legend()
     for x, r in enumerate(rows):
         right.scatter([x] * len(r["accuracies"]), 100 * np.array(r["accuracies"]), color="gray", s=12)
-        right.errorbar(x + 0.15, 100 * r["accuracy_mean"], yerr=100 * r["accuracy_std"], fmt="o", capsize=4)
-    right.set_xticks(range(len(rows)), [r["condition"] for r in rows])
-    right.set(ylabel="target test accuracy (%)", title="retrained without turn-over")
+        right.errorbar(x + 0.15, 100 * r["accuracy_mean"], yerr=100 * r["accuracy_se"], fmt="o", capsize=4)
+    right.set_xticks(range(len(rows)), [r["condition"].replace(" ", "\n", 1) for r in rows], fontsize=8)
+    right.set(
+        ylabel="target test accuracy (%)", title="retrained without turn-over (mean +- SE, seeds in gray)"
+    )
     save_figure(fig, path)
 
 
-def most_harmful(scores: datasets.Dataset, fraction: float) -> list[int]:
-    """The ids of the ``fraction`` of training instances with the most negative mean influence, most harmful first."""
-    n_remove = max(1, round(fraction * len(scores)))
-    order = np.argsort(np.asarray(scores["score"]), kind="stable")
-    return [int(scores["train_id"][i]) for i in order[:n_remove]]
+def most_harmful(by_id: dict[int, float], fraction: float) -> list[int]:
+    """The ids of the ``fraction`` of training instances with the most negative score, most harmful first."""
+    n_remove = max(1, round(fraction * len(by_id)))
+    ids = list(by_id)
+    order = np.argsort(np.asarray([by_id[i] for i in ids]), kind="stable")
+    return [int(ids[i]) for i in order[:n_remove]]
