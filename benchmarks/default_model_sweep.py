@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from faithfulness_lib.minilm_top import PassEmbeddings, PassLayer
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, get_linear_schedule_with_warmup
 
@@ -63,20 +64,6 @@ SETUPS = [  # in the order they run
     SetUp("top1", 1, 1),
     SetUp("top2-dropout", 2, 2, turnover=False),
 ]
-
-
-class Cached(nn.Module):
-    """Stands in for the embeddings: returns the cached output of the frozen layers as is."""
-
-    def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None, **kwargs):
-        return inputs_embeds
-
-
-class CachedLayer(nn.Module):
-    """Stands in for a frozen encoder layer whose output is already in the cache."""
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return (hidden_states,)
 
 
 def batches(tokenizer, sentences, labels, max_length=64, batch_size=32):
@@ -138,9 +125,9 @@ def run(setup: SetUp, backbone: str, train, validation, seed: int, caches: dict)
     if below not in caches:  # the frozen layers are the same in every set-up: run them once per depth
         caches[below] = frozen_outputs(model, train, below), frozen_outputs(model, validation, below)
     train_cache, validation_cache = caches[below]
-    model.bert.embeddings = Cached()
+    model.bert.embeddings = PassEmbeddings()
     for index in range(below):  # module names stay as they are: the masks and the linear scorer use them
-        model.bert.encoder.layer[index] = CachedLayer()
+        model.bert.encoder.layer[index] = PassLayer()
     if not setup.turnover:
         plain_dropout(model, 1.0 - setup.p)
     parameters = [p for p in model.parameters() if p.requires_grad]
