@@ -15,12 +15,24 @@ from .modeling_turnover import TurnoverBertConfig, TurnoverBertForSequenceClassi
 from .pipeline_turnover import InfluencePipeline
 from .plots import plot_learning_curves, plot_self_influence
 from .results import combine_scores, load_scores, push_scores, save_scores, score_arguments
-from .trainer import TurnoverCollator, TurnoverTrainer, TurnoverTrainingArguments
 from .training_set import load_training_set
 from .variants import average_scores, ensemble_influence
 from .wide import wide_adapter_config
 
 __version__ = "0.1.0"
+
+# transformers.Trainer (and, where peft is installed, peft) costs about half a second to import: the trainer
+# classes load on first use, so `import hf_turnover` for scoring and the pipeline does not pay for them.
+_LAZY = {name: ".trainer" for name in ("TurnoverCollator", "TurnoverTrainer", "TurnoverTrainingArguments")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'hf_turnover' has no attribute {name!r}")
+
 
 # `pipeline("turnover-influence")` and the Auto classes know turn-over models once hf_turnover is imported.
 register_with_transformers()
