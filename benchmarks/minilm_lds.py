@@ -108,6 +108,29 @@ def lds_with_se(scores: np.ndarray, members: np.ndarray, losses: np.ndarray) -> 
     return float(value), se
 
 
+def summarize_methods(result: dict, methods: dict, members, losses, predicted, y) -> None:
+    """``result["methods"]``: each method's LDS (± SE), cost and identical-class test; plus the exact-vs-linear rank
+    agreement and the spread of the retrained losses."""
+    rows = []
+    for name, m in methods.items():
+        value, se = lds_with_se(m["scores"]["true"], members, losses)
+        row = {
+            "method": name,
+            "lds": value,
+            "lds_se": se,
+            "setup_s": m["setup_s"],
+            "per_target_s": m["per_target_s"],
+        }
+        if "predicted" in m["scores"]:
+            row.update(M.identical_class(m["scores"]["predicted"], predicted.numpy(), y.numpy()))
+        rows.append(row)
+    result["methods"] = rows
+    ex, li = methods["turn-over exact"]["scores"]["true"], methods["turn-over linear"]["scores"]["true"]
+    result["exact_vs_linear_spearman"] = mean_spearman(ex, li)
+    result["exact_vs_linear_spearman_se"] = spearman_standard_error(ex, li)
+    result["subset_loss_std_mean"] = float(losses.std(1).mean())
+
+
 def select_hyperparameters(tail, init, feats, y, val, args, order_seed) -> dict:
     """Validation-split accuracy after each epoch for each lr; the best (lr, epochs), ties to fewer epochs."""
     grid = {}
@@ -276,24 +299,7 @@ def run_width(width, args, data, tokenizer, members, main: bool) -> dict:
     ], axis=1)  # (T, J)  # fmt: skip
     result["lds_retrain_seconds"] = time.perf_counter() - t0
     _load(tail, reference)
-    rows = []
-    for name, m in methods.items():
-        value, se = lds_with_se(m["scores"]["true"], members, losses)
-        row = {
-            "method": name,
-            "lds": value,
-            "lds_se": se,
-            "setup_s": m["setup_s"],
-            "per_target_s": m["per_target_s"],
-        }
-        if "predicted" in m["scores"]:
-            row.update(M.identical_class(m["scores"]["predicted"], predicted.numpy(), y.numpy()))
-        rows.append(row)
-    result["methods"] = rows
-    ex, li = methods["turn-over exact"]["scores"]["true"], methods["turn-over linear"]["scores"]["true"]
-    result["exact_vs_linear_spearman"] = mean_spearman(ex, li)
-    result["exact_vs_linear_spearman_se"] = spearman_standard_error(ex, li)
-    result["subset_loss_std_mean"] = float(losses.std(1).mean())
+    summarize_methods(result, methods, members, losses, predicted, y)
     if args.smoke:  # the rank-one gradient factorisation against torch.func per-sample gradients
         sub = slice(0, min(16, n))
         factors = M.GradFactors(tail, M.Cached(feats.intermediate[sub], feats.attention[sub]), y[sub])

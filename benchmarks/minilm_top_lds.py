@@ -44,8 +44,7 @@ from faithfulness_lib import minilm as M
 from faithfulness_lib import minilm_top as top
 from faithfulness_lib.cost import measure
 from faithfulness_lib.minilm_top_grads import Grads, capture, grad_dot, per_sample_grads_loop
-from faithfulness_lib.report import mean_spearman, spearman_standard_error
-from minilm_lds import _f, lds_with_se
+from minilm_lds import _f, summarize_methods
 from transformers import AutoTokenizer
 
 from hf_turnover.atomic import atomic_write_text
@@ -227,22 +226,7 @@ def run(args, model, tokenizer, s, data, below: int) -> dict:
         losses = np.stack(losses, axis=1)  # (T, J)
         result["lds_retrain_seconds"] = time.perf_counter() - start
         M.load_params(model, reference)
-    rows = []
-    for name, m in methods.items():
-        value, se = lds_with_se(m["scores"]["true"], members, losses)
-        row = {
-            "method": name,
-            "lds": value,
-            "lds_se": se,
-            "setup_s": m["setup_s"],
-            "per_target_s": m["per_target_s"],
-        }
-        rows.append({**row, **M.identical_class(m["scores"]["predicted"], predicted.numpy(), y.numpy())})
-    result["methods"] = rows
-    ex, li = methods["turn-over exact"]["scores"]["true"], methods["turn-over linear"]["scores"]["true"]
-    result["exact_vs_linear_spearman"] = mean_spearman(ex, li)
-    result["exact_vs_linear_spearman_se"] = spearman_standard_error(ex, li)
-    result["subset_loss_std_mean"] = float(losses.std(1).mean())
+    summarize_methods(result, methods, members, losses, predicted, y)
     return result
 
 
