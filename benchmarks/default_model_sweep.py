@@ -80,13 +80,21 @@ def batches(tokenizer, sentences, labels, max_length=64, batch_size=32):
 
 @torch.no_grad()
 def frozen_outputs(model, data, below: int):
-    """Hidden states after the bottom ``below`` layers of the (frozen, adapter-free) encoder, per batch."""
+    """Hidden states after the bottom ``below`` layers of the (frozen, adapter-free) encoder, per batch; the layers
+    above are passed through, not computed."""
     model.eval()
-    out = []
-    for input_ids, mask, labels, rows in data:
-        hidden = model.bert(input_ids, attention_mask=mask, output_hidden_states=True).hidden_states[below]
-        out.append((hidden, mask, labels, rows))
-    return out
+    layers = model.bert.encoder.layer
+    top = [layers[i] for i in range(below, len(layers))]
+    for i in range(below, len(layers)):
+        layers[i] = PassLayer()
+    try:
+        return [
+            (model.bert(input_ids, attention_mask=mask).last_hidden_state, mask, labels, rows)
+            for input_ids, mask, labels, rows in data
+        ]
+    finally:
+        for i, layer in enumerate(top, start=below):
+            layers[i] = layer
 
 
 def build(setup: SetUp, backbone: str) -> TurnoverBertForSequenceClassification:
