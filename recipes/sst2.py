@@ -67,6 +67,7 @@ from hf_turnover.config import TurnoverArguments
 from hf_turnover.curves import LearningCurveCallback
 from hf_turnover.default_model import BACKBONE
 from hf_turnover.hub import save_turnover_model
+from hf_turnover.linear import make_scorer
 from hf_turnover.lora import ADAPTERS_LORA_MODULES
 from hf_turnover.model import remove_turnover
 from hf_turnover.plots import plot_learning_curves
@@ -232,10 +233,11 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. The Hub-ready model, self-influence (Figure 7) and the misclassified sentences explained (Figures 3-4).
     model = trainer.model.eval()
+    scorer = make_scorer(model, recipe.method)  # one for the checks and the report: one mask table
     checks = None
     if recipe.num_checked:
         start = time.time()
-        checks = check_explanations(model, train, validation_tok, recipe)
+        checks = check_explanations(model, train, validation_tok, recipe, scorer)
         timings["explanation_checks_s"] = time.time() - start
         logger.info(f"Explanation checks: {checks}")
     command = (
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     plot_learning_curves(trainer.state.log_history, output / "learning_curves.png")
     explained = write_influence_outputs(
         model, train, train_tok, validation, validation_tok, prediction.predictions, data_args, recipe,
-        training_args.per_device_eval_batch_size, output, timings,
+        training_args.per_device_eval_batch_size, output, timings, scorer,
     )  # fmt: skip
     timings["total_s"] = time.time() - started
     write_json(output / "results.json", {

@@ -137,6 +137,7 @@ def misclassified_report(
     num_explained: int,
     top_k: int,
     method: str = "linear",
+    scorer: Any = None,
 ) -> tuple[str, int]:
     """Markdown: the most confidently misclassified validation sentences, each with the training sentences
     carrying the (wrong) predicted label that pushed the model towards it most (the paper's Figures 3-4)."""
@@ -153,7 +154,7 @@ def misclassified_report(
         "wrong prediction, `I(z_t, z_i) = L(flip mask of z_i, z_t) - L(own mask of z_i, z_t)` for the predicted "
         "label: **positive = training on z_i pushed the model towards the error.**\n",
     ]
-    scorer = make_scorer(model, method)  # one for all explanations: the model is probed once
+    scorer = scorer or make_scorer(model, method)  # one for all explanations: the model is probed once
     tops = []
     for rank, index in enumerate(order.tolist(), start=1):
         row = validation_tok[index]
@@ -182,14 +183,20 @@ def misclassified_report(
 
 
 def check_explanations(
-    model: nn.Module, train: datasets.Dataset, validation_tok: datasets.Dataset, recipe: Any
+    model: nn.Module,
+    train: datasets.Dataset,
+    validation_tok: datasets.Dataset,
+    recipe: Any,
+    scorer: Any = None,
 ) -> dict[str, Any]:
     """The identical-class rate and the distinct top-k training sentences over the first ``--num_checked``
     validation sentences (never trained on), each explained against the whole training set."""
     queries = validation_tok.select(range(min(recipe.num_checked, len(validation_tok))))
     names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in queries.column_names]
     targets = queries.select_columns(names).to_list()
-    explanations = explain_predictions(model, train, targets, top_k=recipe.top_k, method=recipe.method)
+    explanations = explain_predictions(
+        model, train, targets, top_k=recipe.top_k, method=recipe.method, scorer=scorer
+    )
     checks = explanation_checks(explanations, recipe.top_k)
     return {**checks, "method": recipe.method, "queries": f"the first {len(targets)} validation sentences"}
 
@@ -197,7 +204,7 @@ def check_explanations(
 def write_influence_outputs(
     model: nn.Module, train: datasets.Dataset, train_tok: datasets.Dataset, validation: datasets.Dataset,
     validation_tok: datasets.Dataset, logits: np.ndarray, data_args: Any, recipe: Any, batch_size: int,
-    output: Path, timings: dict[str, float],
+    output: Path, timings: dict[str, float], scorer: Any = None,
 ) -> int:  # fmt: skip
     """Self-influence parquet + histogram, and the Markdown report; returns how many errors were explained."""
     start = time.time()
@@ -216,6 +223,7 @@ def write_influence_outputs(
         recipe.num_explained,
         recipe.top_k,
         recipe.method,
+        scorer,
     )
     report += top_self_influence(scores, train, text, recipe.top_k)
     timings["explain_s"] = time.time() - start
