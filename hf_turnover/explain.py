@@ -6,12 +6,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from torch import nn
 
 from .influence import predict, training_ids
 from .inputs import integer_column, label_column, model_input_names, pad_rows, python_format, to_batch
-from .linear import LinearScorer, make_scorer
+from .linear import LinearScorer, make_scorer, reference_gradient
 from .scorer import TurnoverScorer
 from .training_set import TEXT_COLUMNS
 
@@ -97,6 +98,45 @@ def explain_predictions(
                 _explain(scorer, train_dataset, target, None, logits[row], scores[row], False, **options)
             )
     return out
+
+
+REFERENCE_ROWS = 1024  # training texts averaged into the centered method's reference gradient
+REFERENCE_FILE = (
+    "turnover_reference.safetensors"  # where a saved model keeps it (one vector per masked layer)
+)
+
+
+def training_reference(
+    model: nn.Module,
+    tokenizer: Any,
+    train_dataset: datasets.Dataset,
+    *,
+    num_rows: int = REFERENCE_ROWS,
+    max_length: int | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """The reference gradient of ``method="centered"`` for a text classifier: the mean mask gradient of up to
+    ``num_rows`` training texts (a seeded sample), each under the model's predicted label
+    (:func:`hf_turnover.linear.reference_gradient`)."""
+    text_column = next((c for c in TEXT_COLUMNS if c in train_dataset.column_names), None)
+    if text_column is None:
+        raise ValueError(
+            f"The training set has no text column ({TEXT_COLUMNS}; it has {train_dataset.column_names}): compute "
+            "the reference with hf_turnover.linear.reference_gradient(model, batches) from your own inputs."
+        )
+    rows = np.sort(np.random.default_rng(seed).permutation(len(train_dataset))[:num_rows])
+    texts = python_format(train_dataset).select(rows)[text_column]
+    texts = sorted(texts, key=len)  # similar lengths per batch: little padding (the mean ignores the order)
+    names = set(model_input_names(model))
+
+    def batches():
+        for start in range(0, len(texts), batch_size):
+            encoded = tokenizer(texts[start : start + batch_size], truncation=True, max_length=max_length,
+                                padding=True, return_tensors="pt")  # fmt: skip
+            yield {k: v for k, v in encoded.items() if k in names}
+
+    return reference_gradient(model, batches())
 
 
 def _linear_pass(

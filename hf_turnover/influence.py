@@ -27,6 +27,7 @@ from .inputs import (
     LossFn,
     integer_column,
     label_column,
+    length_order,
     logits_of,
     model_input_names,
     padded_batches,
@@ -121,6 +122,7 @@ def estimate_influence(
     *,
     variant: str = "own",
     method: str = "exact",
+    reference: dict[str, torch.Tensor] | None = None,
     train_ids: Sequence[int] | torch.Tensor | None = None,
     top_k: int | None = None,
     batch_size: int | None = None,
@@ -144,7 +146,9 @@ def estimate_influence(
             else the row index is the target id.
         method: ``"exact"`` (own and flipped forward passes, the paper) or ``"linear"`` (first order in the mask
             values: one forward and backward pass per target, then a product with the ids' mask bits; far faster
-            for many ids, see :mod:`hf_turnover.linear`).
+            for many ids, see :mod:`hf_turnover.linear`) or ``"centered"`` (linear, with ``reference``, the mean
+            mask gradient of :func:`hf_turnover.linear.reference_gradient`, subtracted from each target's).
+        reference: the reference gradient of ``method="centered"``.
         train_ids: score only these training ids.
         top_k: keep only the ``top_k`` most helpful and ``top_k`` most harmful instances per target.
         batch_size: training ids per forward pass; ``None`` sizes chunks to the input and device (about 4k
@@ -159,7 +163,7 @@ def estimate_influence(
         records the arguments that produced it (see :func:`hf_turnover.combine_scores`).
     """
     scorer = make_scorer(
-        model, method, variant=variant, batch_size=batch_size, loss_fn=loss_fn, forward_fn=forward_fn,
+        model, method, reference, variant=variant, batch_size=batch_size, loss_fn=loss_fn, forward_fn=forward_fn,
         dtype=dtype, positions=positions,
     )  # fmt: skip
     ids = training_ids(model, train_dataset, train_ids, check_fingerprint)
@@ -280,6 +284,11 @@ def self_influence(
     """
     scorer, train_dataset, ids = self_influence_setup(model, train_dataset, kwargs)
     scores = torch.empty(len(ids))
+    order = length_order(train_dataset)  # similar lengths per batch: little padding; scores go back in place
+    if order is not None:
+        train_dataset, ids_in_order = train_dataset.select(order), ids[order]
+    else:
+        order, ids_in_order = np.arange(len(ids)), ids
     batches = padded_batches(train_dataset, model, batch_size, scorer.device)
     start = 0
     for rows, inputs, labels in tqdm(
@@ -288,7 +297,8 @@ def self_influence(
         desc="Self-influence",
         disable=not _show_progress(progress),
     ):
-        scores[start : start + len(rows)] = scorer.self_scores(inputs, labels, ids[start : start + len(rows)])
+        chunk = torch.from_numpy(order[start : start + len(rows)])
+        scores[chunk] = scorer.self_scores(inputs, labels, ids_in_order[start : start + len(rows)])
         start += len(rows)
     return scores_dataset(
         {"train_id": ids.numpy(), "score": scores.numpy()}, _arguments(model, scorer, "self_influence", ids)
@@ -298,11 +308,10 @@ def self_influence(
 def self_influence_setup(
     model: nn.Module, train_dataset: datasets.Dataset, kwargs: dict[str, Any]
 ) -> tuple[TurnoverScorer, datasets.Dataset, torch.Tensor]:
-    """The scorer (``kwargs``: ``method``, ``check_fingerprint`` and scorer options), the training set in Python
-    format and its ids, for self-influence in one process or across several."""
+    """The scorer (``kwargs``: ``method``, ``check_fingerprint`` and scorer options), the training set and its
+    ids, for self-influence in one process or across several."""
     check = kwargs.pop("check_fingerprint", True)
     scorer = make_scorer(model, kwargs.pop("method", "exact"), **kwargs)
-    train_dataset = python_format(train_dataset)
     ids = training_ids(model, train_dataset, None, check)
     if label_column(train_dataset.column_names) is None:
         raise ValueError(

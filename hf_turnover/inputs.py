@@ -8,6 +8,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,19 +44,72 @@ def to_batch(
 def pad_rows(
     rows: Sequence[Mapping[str, Any]], names: Sequence[str], pad_id: int = 0
 ) -> list[dict[str, Any]]:
-    """Right-pad ``input_ids``-like list columns of several rows to one length (attention_mask pads with 0)."""
+    """Right-pad the sequence columns of several rows to one length: ``input_ids``-like lists (attention_mask and
+    token_type_ids pad with 0, the others with ``pad_id``) and per-token vectors ``(T, D)`` such as cached hidden
+    states given as ``inputs_embeds`` (with zero vectors). A missing attention_mask is added: padding needs one,
+    or the padded rows compute something else."""
     out = [dict(r) for r in rows]
-    if "attention_mask" in names and "input_ids" in out[0] and "attention_mask" not in out[0]:
-        for r in out:  # padding needs a mask, or the padded rows compute something else
-            r["attention_mask"] = [1] * len(r["input_ids"])
+    sequence = next((n for n in ("input_ids", *names) if _is_sequence(out[0].get(n))), None)
+    if "attention_mask" in names and sequence and "attention_mask" not in out[0]:
+        for r in out:
+            r["attention_mask"] = [1] * len(r[sequence])
     for name in names:
-        if name not in out[0] or not isinstance(out[0][name], list):
+        value = out[0].get(name)
+        if _is_vectors(value):
+            width = max(len(r[name]) for r in out)
+            for r in out:
+                vectors = torch.as_tensor(r[name])
+                r[name] = F.pad(vectors, (0, 0, 0, width - len(vectors)))  # (width, D)
+            continue
+        if not isinstance(value, list):
             continue
         width = max(len(r[name]) for r in out)
         fill = 0 if name in ("attention_mask", "token_type_ids") else pad_id
         for r in out:
             r[name] = list(r[name]) + [fill] * (width - len(r[name]))
     return out
+
+
+def _is_vectors(value: Any) -> bool:
+    return isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 2
+
+
+def _is_sequence(value: Any) -> bool:
+    return isinstance(value, list) or _is_vectors(value)
+
+
+def _vector_columns(dataset: datasets.Dataset) -> list[str]:
+    """Columns holding a sequence of float vectors per row (``inputs_embeds``, cached hidden states)."""
+
+    def vectors(feature: Any) -> bool:
+        inner = getattr(feature, "feature", None)
+        value = getattr(inner, "feature", None)
+        return isinstance(value, datasets.Value) and value.dtype.startswith("float")
+
+    return [name for name, feature in dataset.features.items() if vectors(feature)]
+
+
+def reading_format(dataset: datasets.Dataset) -> datasets.Dataset:
+    """``dataset`` read as Python values, except per-token vector columns, read as numpy arrays (a Python float
+    per number would cost more than the model)."""
+    columns = _vector_columns(dataset)
+    if not columns:
+        return python_format(dataset)
+    return dataset.with_format("numpy", columns=columns, output_all_columns=True)
+
+
+def length_order(dataset: datasets.Dataset) -> np.ndarray | None:
+    """Row indices sorted by sequence length (stable), for batches with little padding; ``None`` when the
+    dataset has no ``length``, ``input_ids`` or per-token vector column."""
+    if "length" in dataset.column_names:
+        lengths = dataset.with_format("numpy", columns=["length"])[:]["length"]
+    else:
+        name = next((n for n in ("input_ids", *_vector_columns(dataset)) if n in dataset.column_names), None)
+        if name is None:
+            return None
+        column = dataset.with_format("arrow", columns=[name])[:][name]
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    return np.argsort(lengths, kind="stable")
 
 
 def per_row_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -99,7 +153,7 @@ def padded_batches(
     names = model_input_names(model)
     column = label_column(data.column_names)
     pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
-    for batch in python_format(data).iter(batch_size=batch_size):
+    for batch in reading_format(data).iter(batch_size=batch_size):
         rows = pad_rows([dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)],
                         names, pad_id)  # fmt: skip
         yield rows, to_batch(rows, names, device), torch.as_tensor([r[column] for r in rows], device=device)

@@ -13,6 +13,13 @@ masked layer, taken at the full network. With keep-bits ``b`` and keep probabili
 
 Positive: z_i helped z_t, as for the exact estimate. One forward and backward pass per target gives ``g`` over the
 ``d`` masked units; scoring ``N`` training ids is then one ``(N x d) . d`` product over their keep-bits.
+
+``method="centered"`` scores ``g(z_t) - g_ref`` instead of ``g(z_t)``, with ``g_ref`` the mean mask gradient of
+reference inputs under their predicted labels (:func:`reference_gradient`; by linearity, the linear score minus the
+mean linear score of z_i over the reference inputs). The gradients of predicted labels share a component (scaling
+some units up makes every prediction more confident), and ``(m~ - m) . g_ref`` is a per-instance number that the
+masks alone decide: in a single model it puts the same few training instances on top of unrelated explanations.
+Centering removes it; what stays is how much more z_i helped z_t than it helped a typical prediction.
 :class:`MaskTable` keeps those bits packed, 8 units per byte code, so the product is a sum of ``d / 8`` table
 look-ups per id (``torch.nn.functional.embedding_bag``): 10,000 ids x 8,192 units is a 41 MB table.
 
@@ -21,7 +28,7 @@ This file travels with Hub models as remote code: installed packages and sibling
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from typing import Any
@@ -36,7 +43,7 @@ from .masks import keep_bits
 from .model import turnover_hooks
 from .scorer import TurnoverScorer
 
-METHODS = ("exact", "linear")
+METHODS = ("exact", "linear", "centered")
 _BYTE = 8
 # bit k of every byte value 0..255, as floats: (256, 8)
 _PATTERNS = ((torch.arange(256)[:, None] >> torch.arange(_BYTE)[None, :]) & 1).float()
@@ -45,8 +52,9 @@ _PATTERNS = ((torch.arange(256)[:, None] >> torch.arange(_BYTE)[None, :]) & 1).f
 def check_method(method: str) -> str:
     if method not in METHODS:
         raise ValueError(
-            f"method={method!r} is unknown; use 'exact' (own vs flipped forward passes, the paper) or 'linear' "
-            "(first-order in the masks: one backward pass per target, then a product with the mask bits)."
+            f"method={method!r} is unknown; use 'exact' (own vs flipped forward passes, the paper), 'linear' "
+            "(first-order in the masks: one backward pass per target, then a product with the mask bits) or "
+            "'centered' (linear, minus the linear score of a reference gradient)."
         )
     return method
 
@@ -120,15 +128,26 @@ class LinearScorer(TurnoverScorer):
     :class:`~hf_turnover.scorer.TurnoverScorer`, one backward pass per target instead of a forward per id.
 
     ``cache_masks=True`` keeps a :class:`MaskTable` of the last id set scored, so repeated targets against the
-    same training set (explanations, mean influence) pay for the mask hash once.
+    same training set (explanations, mean influence) pay for the mask hash once. ``reference`` (``{layer: (d,)}``,
+    from :func:`reference_gradient`) is subtracted from every target's mask gradient: the ``"centered"`` method.
     """
 
-    method = "linear"
-
-    def __init__(self, model: nn.Module, *, cache_masks: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        cache_masks: bool = True,
+        reference: dict[str, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(model, **kwargs)
         self.cache_masks = cache_masks
         self._table: MaskTable | None = None
+        self.reference = None if reference is None else _check_reference(model, reference)
+
+    @property
+    def method(self) -> str:
+        return "linear" if self.reference is None else "centered"
 
     def mask_gradients(
         self, inputs: dict[str, torch.Tensor], labels: torch.Tensor
@@ -175,7 +194,9 @@ class LinearScorer(TurnoverScorer):
         return self._table
 
     def scores_from_gradients(self, grads: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-        """``(T, N)`` linearized scores of the ids for targets whose mask gradients are ``grads`` ({layer: (T, d)})."""
+        """``(T, N)`` linearized scores of the ids for targets whose mask gradients are ``grads`` ({layer: (T, d)});
+        with a ``reference``, of ``grads - reference``."""
+        grads = self._centered(grads)
         ids = ids.to(self.device)
         table = self.table(ids, {n: g.shape[1] for n, g in grads.items()})
         scores = torch.zeros(len(ids), next(iter(grads.values())).shape[0], device=self.device)
@@ -196,18 +217,68 @@ class LinearScorer(TurnoverScorer):
         """Linearized ``I(z_i, z_i)`` for a batch of training rows, row ``r`` being instance ``ids[r]``."""
         ids = ids.to(self.device)
         scores = torch.zeros(len(ids), device=self.device)
-        for name, g in self.mask_gradients(inputs, labels).items():
+        for name, g in self._centered(self.mask_gradients(inputs, labels)).items():
             a, c = self._coefficients(name)
             bits = layer_bits(self.model, name, ids, g.shape[1]).float()  # (B, d)
             scores += (g.float() * (a + c * bits)).sum(1)
         return scores.cpu()
 
+    def _centered(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.reference is None:
+            return grads
+        return {n: g.float() - self.reference[n].to(g.device) for n, g in grads.items()}
 
-def make_scorer(model: nn.Module, method: str = "exact", **kwargs: Any) -> TurnoverScorer:
-    """A :class:`TurnoverScorer` (``method="exact"``) or :class:`LinearScorer` (``"linear"``) of ``model``."""
-    if check_method(method) == "linear":
+
+def make_scorer(
+    model: nn.Module,
+    method: str = "exact",
+    reference: dict[str, torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> TurnoverScorer:
+    """A :class:`TurnoverScorer` (``method="exact"``) or :class:`LinearScorer` (``"linear"``; ``"centered"``
+    with the ``reference`` gradient of :func:`reference_gradient`) of ``model``."""
+    method = check_method(method)
+    if method == "centered":
+        if reference is None:
+            raise ValueError(
+                "method='centered' needs reference= (the mean mask gradient of reference inputs: "
+                "hf_turnover.linear.reference_gradient(model, batches)); or use method='linear'."
+            )
+        return LinearScorer(model, reference=reference, **kwargs)
+    if reference is not None:
+        raise ValueError(f"reference= is for method='centered', not method={method!r}.")
+    if method == "linear":
         return LinearScorer(model, **kwargs)
     return TurnoverScorer(model, **kwargs)
+
+
+def reference_gradient(
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], **scorer_kwargs: Any
+) -> dict[str, torch.Tensor]:
+    """``{layer: (d,)}``: the mean mask gradient of the inputs in ``batches`` (dicts of model inputs, padded),
+    each under the model's predicted label: the reference of ``method="centered"``. Training inputs serve (the
+    predicted, not the gold, labels: the reference stands for the explanations' targets)."""
+    scorer = LinearScorer(model, **scorer_kwargs)
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    for inputs in batches:
+        _, grads = scorer.logits_and_gradients({k: v.to(scorer.device) for k, v in inputs.items()})
+        for name, g in grads.items():
+            sums[name] = sums.get(name, 0) + g.float().sum(0)
+        count += len(next(iter(grads.values())))
+    if not count:
+        raise ValueError("reference_gradient got no inputs: pass at least one batch.")
+    return {name: (total / count).cpu() for name, total in sums.items()}
+
+
+def _check_reference(model: nn.Module, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    layers = set(turnover_hooks(model))
+    if set(reference) != layers:
+        raise ValueError(
+            f"reference= has gradients for {sorted(reference)}, but the model's masked layers are "
+            f"{sorted(layers)}: compute it with reference_gradient() on this model."
+        )
+    return {name: torch.as_tensor(g, dtype=torch.float32).flatten() for name, g in reference.items()}
 
 
 def gradient_blocks(

@@ -173,7 +173,7 @@ class TurnoverTrainer(Trainer):
     def _read_positions_only(self, inputs: dict[str, Any]):
         """Slice the inputs of the first module after the last attention to the positions the loss reads."""
         positions = read_positions(self.model)
-        tokens = inputs.get("input_ids")
+        tokens = inputs.get("input_ids", inputs.get("inputs_embeds"))  # (B, T) or (B, T, D)
         if (
             not getattr(self.args, "turnover_read_positions_only", True)
             or positions is None

@@ -1,5 +1,6 @@
 """Linearized scoring is the first-order form of the exact estimate; the mask table is the masks' dot product."""
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -15,7 +16,7 @@ from hf_turnover import (
     turnover_context,
 )
 from hf_turnover.evaluation import score_matrix
-from hf_turnover.linear import LinearScorer, MaskTable, layer_bits, make_scorer
+from hf_turnover.linear import LinearScorer, MaskTable, layer_bits, make_scorer, reference_gradient
 from hf_turnover.masks import mask_values
 from hf_turnover.model import turnover_hooks
 
@@ -170,7 +171,7 @@ def test_explain_prediction_linear_keeps_one_mask_table():
 
 def test_unknown_method_names_the_choices():
     model = make_tiny_bert()
-    with pytest.raises(ValueError, match="method='fast'.*'exact'.*'linear'"):
+    with pytest.raises(ValueError, match="method='fast'.*'exact'.*'linear'.*'centered'"):
         estimate_influence(model, None, [make_token_dataset(1)[0]], train_ids=[1], method="fast",
                            check_fingerprint=False)  # fmt: skip
 
@@ -213,3 +214,54 @@ def test_explain_predictions_equals_one_at_a_time(method):
             rtol=1e-4,
             atol=1e-6,
         )
+
+
+def varied_length_dataset(n: int = 10, seed: int = 1):
+    """Token rows of lengths 3..8 in a shuffled order (so a length sort reorders them), with ids and labels."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = (torch.randperm(n, generator=g) % 6 + 3).tolist()
+    return datasets.Dataset.from_dict({
+        "input_ids": [torch.randint(1, 64, (k,), generator=g).tolist() for k in lengths],
+        "labels": torch.randint(0, 2, (n,), generator=g).tolist(),
+        "instance_id": list(range(200, 200 + n)),
+    })  # fmt: skip
+
+
+def test_centered_scores_are_linear_scores_minus_the_mean_over_the_reference_rows():
+    """``centered(t, i) = linear(t, i) - mean_r linear(r, i)``, r the reference rows under predicted labels."""
+    model = make_tiny_bert()
+    train, targets = make_token_dataset(12, seed=1), make_token_dataset(3, seed=2)
+    reference_rows = make_token_dataset(5, seed=4).remove_columns("labels")  # no label: the prediction
+    batch = {"input_ids": torch.tensor(reference_rows["input_ids"]),
+             "attention_mask": torch.tensor(reference_rows["attention_mask"])}  # fmt: skip
+    reference = reference_gradient(model, [batch])
+    kwargs = {"check_fingerprint": False, "progress": False}
+    centered = score_matrix(estimate_influence(model, train, targets, method="centered", reference=reference,
+                                               **kwargs))[0]  # fmt: skip
+    linear = score_matrix(estimate_influence(model, train, targets, method="linear", **kwargs))[0]
+    on_reference = score_matrix(estimate_influence(model, train, reference_rows, method="linear", **kwargs))[0]
+    np.testing.assert_allclose(centered, linear - on_reference.mean(0), rtol=1e-4, atol=1e-6)
+    scorer = make_scorer(model, "centered", reference)
+    assert scorer.method == "centered" and make_scorer(model, "linear").method == "linear"
+
+
+def test_centered_needs_the_reference_of_this_model():
+    model = make_tiny_bert()
+    with pytest.raises(ValueError, match="needs reference="):
+        make_scorer(model, "centered")
+    with pytest.raises(ValueError, match="masked layers are"):
+        make_scorer(model, "centered", {"classifier": torch.zeros(2)})
+    with pytest.raises(ValueError, match="for method='centered'"):
+        make_scorer(model, "linear", {"classifier": torch.zeros(2)})
+
+
+@pytest.mark.parametrize("method", ["exact", "linear"])
+def test_self_influence_in_length_order_returns_the_dataset_order(method):
+    """Self-influence batches rows of similar length; each score still belongs to its own row."""
+    model = make_tiny_bert()
+    train = varied_length_dataset()
+    kwargs = {"method": method, "check_fingerprint": False, "progress": False}
+    batched = self_influence(model, train, batch_size=4, **kwargs)
+    alone = self_influence(model, train, batch_size=1, **kwargs)
+    assert batched["train_id"][:] == train["instance_id"][:]
+    np.testing.assert_allclose(batched["score"][:], alone["score"][:], rtol=1e-4, atol=1e-6)
