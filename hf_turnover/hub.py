@@ -8,6 +8,7 @@ A saved folder (or Hub repo) holds everything a fresh process needs::
     *.py                     the flat remote code: modeling_turnover.py, pipeline_turnover.py and their modules
     tokenizer files
     training_set.parquet     the training instances with their ids, and training_set.json (fingerprint)
+    turnover_reference.safetensors   the reference gradient of method="centered" (one vector per masked layer)
     README.md                the model card
 
 The folder is written under a temporary name and renamed into place, so a failed save never leaves a
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 from huggingface_hub import HfApi
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerBase
 from transformers.pipelines import PIPELINE_REGISTRY
@@ -64,12 +66,15 @@ def save_turnover_model(
     tokenizer: PreTrainedTokenizerBase,
     train_dataset: datasets.Dataset,
     card: dict[str, Any] | None = None,
+    centered_reference: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save ``model`` with its code, tokenizer, training set and model card, Hub-ready (atomically).
 
     ``train_dataset`` must be the set the model was trained on (checked against the recorded fingerprint).
     ``card`` holds what the card should report: ``dataset_name``, ``accuracy``, ``baseline_accuracy``,
     ``eval_split``, ``repo_id``, ``base_model``, ``command`` (see :func:`hf_turnover.card.model_card`).
+    ``centered_reference``: the reference gradient of ``method="centered"`` if already computed
+    (:func:`hf_turnover.explain.training_reference`); else it is computed from ``train_dataset`` here.
     """
     if not isinstance(model, TurnoverBertForSequenceClassification):
         raise TypeError(
@@ -78,6 +83,8 @@ def save_turnover_model(
         )
     card_text = str(model_card(model, **(card or {})))  # before writing anything: a bad card fails early
     pipe = InfluencePipeline(model=model, tokenizer=tokenizer, train_dataset=train_dataset, task=TASK)
+    if centered_reference is not None:
+        pipe.set_centered_reference(centered_reference)
     pipe.save_pretrained(save_directory, card=card_text)  # atomic: model, code, tokenizer, training set, card
     return Path(save_directory)
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import datasets
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, Pipeline
 from transformers.utils import cached_file, logging
 
@@ -31,7 +32,7 @@ from .atomic import atomic_directory
 from .config import TurnoverConfig  # noqa: F401
 from .context import turnover_context  # noqa: F401
 from .distributed import shardable  # noqa: F401
-from .explain import explain_prediction, explain_predictions
+from .explain import REFERENCE_FILE, explain_prediction, explain_predictions, training_reference
 from .fingerprint import check_fingerprint, recorded_fingerprint, training_fingerprint
 from .influence import estimate_influence  # noqa: F401
 from .inputs import per_row_loss  # noqa: F401
@@ -49,7 +50,7 @@ from .training_set import INFO_FILE, load_training_set, save_training_set
 logger = logging.get_logger(__name__)
 
 TASK = "turnover-influence"
-DEFAULT_METHOD = "linear"  # exact scoring is a call argument away: pipe(text, method="exact")
+DEFAULT_METHOD = "centered"  # pipe(text, method="linear") / method="exact" (the paper) are a call argument away
 CUSTOM_PIPELINE = {
     "impl": "pipeline_turnover.InfluencePipeline",
     "pt": ("AutoModelForSequenceClassification",),
@@ -67,10 +68,13 @@ class InfluencePipeline(Pipeline):
     i.e. for a wrong prediction the paper's "influential instances with the error label"; or a label id or
     name), ``batch_size`` (training instances per forward pass; default: sized to the input and device),
     ``max_length`` (tokens; longer texts are truncated and the output says ``"truncated": True``),
-    ``method`` (``"linear"``, the default: first order in the masks, one forward and backward pass per text and
-    a product with the training set's cached mask bits, a few milliseconds against thousands of instances;
-    ``"exact"``: own and flipped forward passes for every instance, the paper's estimate, about 2N forwards of
-    the masked layers per text).
+    ``method``: ``"centered"``, the default, is ``"linear"`` with the training set's typical gradient taken out
+    of each text's (see :mod:`hf_turnover.linear`; the reference gradient travels with a saved pipeline), so the
+    lists show what is particular to the text rather than instances whose masks happen to help every
+    prediction; ``"linear"``: first order in the masks, one forward and backward pass per text and a product
+    with the training set's cached mask bits, a few milliseconds against thousands of instances; ``"exact"``:
+    own and flipped forward passes for every instance, the paper's estimate, about 2N forwards of the masked
+    layers per text.
     Construction takes ``train_dataset`` when no training set travels with the model.
 
     Each output: ``{"prediction": {"label", "score"}, "helpful": [...], "harmful": [...], "truncated",
@@ -89,6 +93,7 @@ class InfluencePipeline(Pipeline):
         self.scoring_batch_size = _positive_int("batch_size", self._batch_size) if self._batch_size else None
         self._batch_size = None  # inputs are explained one by one; batch_size means training instances
         self._scorers: dict[tuple[str, int | None], TurnoverScorer] = {}
+        self._reference: dict[str, torch.Tensor] | None = None
         if self.tokenizer is None:
             self.tokenizer = _backbone_tokenizer(self.model)
         recorded = recorded_fingerprint(self.model)
@@ -149,20 +154,21 @@ class InfluencePipeline(Pipeline):
             kwargs["scoring_batch_size"] = kwargs.pop("batch_size")
         preprocess, forward, _ = self._sanitize_parameters(**kwargs)
         forward = {**self._forward_params, **forward}
-        if forward.get("method", DEFAULT_METHOD) == "linear" and len(texts) > 1:
+        if forward.get("method", DEFAULT_METHOD) != "exact" and len(texts) > 1:
             return self._explain_linear_batch(list(texts), {**self._preprocess_params, **preprocess}, forward)
         outputs = super().__call__(list(texts), batch_size=1, **kwargs)
         return outputs[0] if isinstance(inputs, str) else outputs
 
     def _explain_linear_batch(self, texts: list[str], preprocess: dict, forward: dict) -> list[dict]:
-        """A list of texts with ``method="linear"``: padded batches share one forward and backward pass and one
-        product with the mask table (see :func:`~hf_turnover.explain.explain_predictions`)."""
+        """A list of texts with ``method="linear"`` or ``"centered"``: padded batches share one forward and
+        backward pass and one product with the mask table (see :func:`~hf_turnover.explain.explain_predictions`)."""
+        method = forward.get("method", DEFAULT_METHOD)
         prepared = [self.preprocess(text, **preprocess) for text in texts]
         targets = [{k: v[0].tolist() for k, v in p["inputs"].items()} for p in prepared]
         restrict = forward.get("restrict_to_label")
         explanations = explain_predictions(
             self.model, self.train_dataset, targets, top_k=forward.get("top_k", 5), restrict_to_label=restrict,
-            check_fingerprint=False, scorer=self._scorer("linear", forward.get("batch_size") or self.scoring_batch_size),
+            check_fingerprint=False, scorer=self._scorer(method, forward.get("batch_size") or self.scoring_batch_size),
         )  # fmt: skip
         return [
             self.postprocess({**e, "truncated": p["truncated"], "restricted": restrict})
@@ -212,11 +218,35 @@ class InfluencePipeline(Pipeline):
 
     def _scorer(self, method: str, batch_size: int | None) -> TurnoverScorer:
         """One scorer per (method, batch size), kept across calls: the model is probed once and the linear
-        scorer keeps the training set's mask table (one for every batch size: it runs no id batches)."""
+        scorers keep the training set's mask table (one for every batch size: they run no id batches)."""
         key = (method, batch_size if method == "exact" else None)
         if key not in self._scorers:
-            self._scorers[key] = make_scorer(self.model, method, batch_size=batch_size)
+            reference = self.centered_reference() if method == "centered" else None
+            self._scorers[key] = make_scorer(self.model, method, reference, batch_size=batch_size)
         return self._scorers[key]
+
+    def centered_reference(self) -> dict[str, torch.Tensor]:
+        """The reference gradient of ``method="centered"``: read from the model's folder or repo
+        (``turnover_reference.safetensors``), else computed once from the training set
+        (:func:`~hf_turnover.explain.training_reference`, a few seconds) and written by ``save_pretrained``."""
+        if self._reference is None:
+            self._reference = _load_reference(self.model)
+        if self._reference is None:
+            logger.info("Computing the centered method's reference gradient from the training set.")
+            self._reference = training_reference(
+                self.model,
+                self.tokenizer,
+                self.train_dataset,
+                max_length=_max_length(self.model, self.tokenizer),
+            )
+        return self._reference
+
+    def set_centered_reference(self, reference: dict[str, torch.Tensor]) -> None:
+        """Use ``reference`` (e.g. computed by a training script) for ``method="centered"`` and when saving."""
+        self._reference = {
+            name: torch.as_tensor(g, dtype=torch.float32).cpu() for name, g in reference.items()
+        }
+        self._scorers = {k: v for k, v in self._scorers.items() if k[0] != "centered"}
 
     def postprocess(self, outputs: dict[str, Any]) -> dict[str, Any]:
         name = self._label_name
@@ -279,6 +309,7 @@ class InfluencePipeline(Pipeline):
             copy_code_files(Path(__file__), tmp)
             self.tokenizer.save_pretrained(tmp)
             save_training_set(self.train_dataset, tmp, recorded_fingerprint(self.model) or _fingerprint(self))
+            save_file({k: v.contiguous() for k, v in self.centered_reference().items()}, tmp / REFERENCE_FILE)
             if card is not None:
                 (tmp / "README.md").write_text(card, encoding="utf-8")
             else:
@@ -288,6 +319,18 @@ class InfluencePipeline(Pipeline):
 def _fingerprint(pipe: InfluencePipeline) -> dict[str, Any]:
     """For models trained without TurnoverTrainer: the fingerprint of the training set attached now."""
     return training_fingerprint(pipe.train_dataset, pipe.model.turnover_config.id_column)
+
+
+def _load_reference(model: Any) -> dict[str, torch.Tensor] | None:
+    """The reference gradient saved beside the model (folder or Hub repo), or ``None``."""
+    if not model.name_or_path:
+        return None
+    hub = {**_hub_kwargs(model), "_raise_exceptions_for_missing_entries": False}
+    try:
+        path = cached_file(model.name_or_path, REFERENCE_FILE, **hub)
+    except (OSError, ValueError):  # not a folder or repo id
+        return None
+    return load_file(path) if path is not None else None
 
 
 def _hub_kwargs(model: Any) -> dict[str, Any]:

@@ -76,10 +76,10 @@ def test_scores_are_the_engine_scores_for_the_predicted_label(trained):
     assert {i["id"]: i["score"] for i in out["helpful"]} == pytest.approx(expected, abs=1e-6)
 
 
-def test_linear_is_the_default_method(trained):
+def test_centered_is_the_default_method(trained):
     pipe, _, _ = trained
-    assert pipe("w1 w2 w3", top_k=4) == pipe("w1 w2 w3", top_k=4, method="linear")
-    assert pipe("w1 w2 w3", top_k=4) != pipe("w1 w2 w3", top_k=4, method="exact")
+    assert pipe("w1 w2 w3", top_k=4) == pipe("w1 w2 w3", top_k=4, method="centered")
+    assert pipe("w1 w2 w3", top_k=4) != pipe("w1 w2 w3", top_k=4, method="linear")
 
 
 def test_linear_method_scores_are_the_engine_linear_scores(trained):
@@ -215,7 +215,7 @@ def test_saved_pipeline_runs_in_a_fresh_process_without_hf_turnover(trained, tmp
     expected = [
         pipe("w1 w2 w3", top_k=3, method="exact"),
         pipe(["w12 w14", "w5 w6"], top_k=2, restrict_to_label=True, method="exact"),
-        pipe("w1 w2 w3", top_k=3, method="linear"),  # the default
+        pipe("w1 w2 w3", top_k=3, method="centered"),  # the default
     ]
     assert fresh[:2] == json.loads(json.dumps(expected[:2]))  # bit-identical floats survive JSON round trips
     # The linear scores' backward reductions are split by thread count: equal to float rounding.
@@ -281,3 +281,42 @@ def test_linear_scorer_and_its_mask_table_are_shared_across_batch_sizes(trained)
     pipe, _, _ = trained
     assert pipe._scorer("linear", 8) is pipe._scorer("linear", None)
     assert pipe._scorer("exact", 8) is not pipe._scorer("exact", None)
+
+
+def test_centered_scores_are_the_engine_centered_scores(trained):
+    pipe, train, _ = trained
+    out = pipe("w1 w2 w3", top_k=100, method="centered")
+    label = pipe.model.config.label2id[out["prediction"]["label"]]
+    target = {**dict(pipe.tokenizer("w1 w2 w3")), "label": label}
+    engine = estimate_influence(pipe.model, train, [target], method="centered",
+                                reference=pipe.centered_reference(), progress=False)  # fmt: skip
+    expected = dict(zip(engine["train_id"], engine["score"], strict=True))
+    assert {item["id"]: item["score"] for item in out["helpful"]} == pytest.approx(
+        {item["id"]: expected[item["id"]] for item in out["helpful"]}, rel=1e-5, abs=1e-7
+    )
+    linear = pipe("w1 w2 w3", top_k=100, method="linear")
+    assert [i["score"] for i in out["helpful"]] != [i["score"] for i in linear["helpful"]]
+
+
+def test_centered_reference_is_saved_and_read_back_not_recomputed(trained, tmp_path, monkeypatch):
+    import hf_turnover.pipeline_turnover as module
+    from safetensors.torch import load_file
+
+    from hf_turnover.explain import REFERENCE_FILE
+
+    pipe, _, _ = trained
+    pipe.save_pretrained(tmp_path / "pipe")
+    saved = load_file(tmp_path / "pipe" / REFERENCE_FILE)
+    assert saved.keys() == pipe.centered_reference().keys()
+    monkeypatch.setattr(module, "training_reference", lambda *a, **k: pytest.fail("recomputed"))
+    loaded = InfluencePipeline(
+        model=TurnoverBertForSequenceClassification.from_pretrained(tmp_path / "pipe"), tokenizer=pipe.tokenizer
+    )
+    assert_close(loaded("w1 w2", top_k=3, method="centered"), pipe("w1 w2", top_k=3, method="centered"))
+
+
+def test_centered_list_is_batched_and_equals_one_by_one(trained):
+    pipe, _, _ = trained
+    texts = ["w1 w2 w3", "w12 w14 w16 w2 w7 w7", "w5"]
+    alone = [pipe(text, top_k=3, method="centered") for text in texts]
+    assert_close(pipe(texts, top_k=3, method="centered"), alone, tol=1e-5)
