@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -13,12 +11,18 @@ from typing import Any
 import adapters
 import datasets
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from common import SmallPreTrainedModel, default_backbone, markdown_table, mean_std, pyplot, save_figure
+from frozen_layers import (
+    PadStates,
+    bottom_layer_states,
+    cached,
+    cut_bottom,
+    length_sorted_batches,
+    with_states,
+)
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -29,7 +33,6 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from hf_turnover.atomic import atomic_path
 from hf_turnover.config import TurnoverArguments
 from hf_turnover.data import load_text_classification
 from hf_turnover.model import add_turnover
@@ -87,74 +90,13 @@ def encode(model_path: str, sentences: list[str], max_length: int, batch_size: i
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     encoder = AutoModel.from_pretrained(model_path).eval()
     out = np.empty((len(sentences), encoder.config.hidden_size), dtype=np.float32)
-    for rows, batch in _length_sorted_batches(
+    for rows, batch in length_sorted_batches(
         tokenizer, sentences, max_length, batch_size, "Encoding sentences"
     ):
         hidden = encoder(**batch).last_hidden_state  # (B, T, D)
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         out[rows] = F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1).numpy()
     return out
-
-
-@torch.inference_mode()
-def bottom_layer_states(
-    model_path: str, sentences: list[str], max_length: int, layers: int, batch_size: int = 64
-) -> tuple[np.ndarray, np.ndarray]:
-    """Hidden states after the embeddings and the bottom ``layers`` encoder layers (eval mode: no dropout), per
-    token of every sentence: ``(sum of lengths, D)`` float32 and the offsets ``(N + 1,)`` of each sentence."""
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    encoder = AutoModel.from_pretrained(model_path, add_pooling_layer=False).eval()
-    encoder.encoder.layer = encoder.encoder.layer[:layers]  # the layers above are not needed here
-    lengths = [len(ids) for ids in tokenizer(sentences, truncation=True, max_length=max_length)["input_ids"]]
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    out = np.empty((offsets[-1], encoder.config.hidden_size), dtype=np.float32)
-    for rows, batch in _length_sorted_batches(tokenizer, sentences, max_length, batch_size, "Bottom layers"):
-        hidden = encoder(**batch).last_hidden_state  # (B, T, D)
-        for row, states in zip(rows, hidden, strict=True):
-            out[offsets[row] : offsets[row + 1]] = states[: lengths[row]].numpy()
-    return out, offsets
-
-
-def _length_sorted_batches(tokenizer, sentences: list[str], max_length: int, batch_size: int, desc: str):
-    order = np.argsort([len(s) for s in sentences], kind="stable")  # similar lengths per batch: less padding
-    for start in tqdm(range(0, len(order), batch_size), desc=desc):
-        rows = order[start : start + batch_size]
-        texts = [sentences[i] for i in rows]
-        yield (
-            rows,
-            tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"),
-        )
-
-
-def cached(compute, cache_dir: Path, kind: str, *key: Any) -> tuple[np.ndarray, ...]:
-    """``compute()`` (a tuple of arrays) once per ``key``, kept in ``cache_dir`` as ``<kind>-<hash>.npz``."""
-    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
-    path = cache_dir / f"{kind}-{digest}.npz"
-    if not path.is_file():
-        arrays = compute()
-        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-            np.savez(handle, *arrays)
-    with np.load(path) as stored:
-        return tuple(stored[f"arr_{i}"] for i in range(len(stored.files)))
-
-
-def states_column(states: np.ndarray, offsets: np.ndarray) -> pa.Array:
-    """Per-sentence ``(T_i, D)`` states as one Arrow list column, without copying through Python lists."""
-    inner = pa.FixedSizeListArray.from_arrays(pa.array(states.reshape(-1)), states.shape[1])
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), inner)
-
-
-class PadStates:
-    """Collates rows of cached states: pads ``inputs_embeds`` to the batch's longest row, adds the attention
-    mask, and drops the other columns (text, length) that Trainer keeps when ``remove_unused_columns=False``."""
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        states = [torch.as_tensor(f["inputs_embeds"]) for f in features]  # each (T_i, D)
-        lengths = torch.tensor([len(s) for s in states])
-        mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()  # (B, T)
-        batch = {"inputs_embeds": nn.utils.rnn.pad_sequence(states, batch_first=True), "attention_mask": mask}
-        batch["labels"] = torch.tensor([int(f["label"]) for f in features])
-        return batch
 
 
 def encode_splits(args: Any, splits: dict[str, datasets.Dataset], output: Path) -> PreparedData:
@@ -177,10 +119,7 @@ def encode_splits(args: Any, splits: dict[str, datasets.Dataset], output: Path) 
         sentences = list(split[args.text_column])
         compute = partial(bottom_layer_states, path, sentences, args.max_seq_length, below)
         states, offsets = cached(compute, cache_dir, "states", path, args.max_seq_length, below, sentences)
-        split = split.add_column("length", np.diff(offsets).tolist())
-        splits[name] = split.add_column("inputs_embeds", states_column(states, offsets)).with_format(
-            "numpy", columns=["inputs_embeds"], output_all_columns=True
-        )
+        splits[name] = with_states(split, states, offsets)
     return PreparedData(**splits, collator=PadStates(), model_path=path, cached_layers=below)
 
 
@@ -236,28 +175,12 @@ def adapter_classifier(args: Any, path: str, num_labels: int, cached_layers: int
     adapters.init(model)
     model.add_adapter("cleansing", config=adapter.replace(reduction_factor=factors))
     model.train_adapter("cleansing")
-    model.bert.embeddings = CachedEmbeddings()
-    for index in range(cached_layers):
-        model.bert.encoder.layer[index] = CachedLayer()
+    cut_bottom(model, cached_layers)
     probe = {"inputs_embeds": torch.zeros(1, 2, hidden), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
     entry = tail_entry(model, probe)
     if entry is not None:
         model.get_submodule(entry).register_forward_pre_hook(_first_position, with_kwargs=True)
     return model
-
-
-class CachedEmbeddings(nn.Module):
-    """Stands in for the embeddings: ``inputs_embeds`` already holds the output of the cached layers."""
-
-    def forward(self, inputs_embeds: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return inputs_embeds
-
-
-class CachedLayer(nn.Module):
-    """Stands in for a frozen bottom encoder layer whose output is cached: passes the hidden states through."""
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor]:
-        return (hidden_states,)
 
 
 def _first_position(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

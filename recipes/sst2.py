@@ -52,11 +52,14 @@ from common import (
     train_model,
     write_json,
 )
+from frozen_layers import PadStates, cut_bottom, restore_bottom
 from sst2_parts import (
     add_plain_dropout,
     build_model,
     check_explanations,
+    frozen_below,
     load_splits,
+    states_for,
     tokenize,
     write_influence_outputs,
 )
@@ -66,7 +69,9 @@ from transformers import AutoTokenizer, DataCollatorWithPadding
 from hf_turnover.config import TurnoverArguments
 from hf_turnover.curves import LearningCurveCallback
 from hf_turnover.default_model import BACKBONE
+from hf_turnover.explain import training_reference
 from hf_turnover.hub import save_turnover_model
+from hf_turnover.influence import self_influence
 from hf_turnover.linear import make_scorer
 from hf_turnover.lora import ADAPTERS_LORA_MODULES
 from hf_turnover.model import remove_turnover
@@ -151,14 +156,23 @@ class RecipeArguments:
     curve_subset: int = field(default=128, metadata={"help": "Training sentences in the own/flip curves."})
     curve_points: int = field(default=6, metadata={"help": "Points on the learning curves."})
     method: str = field(
-        default="linear",
+        default="centered",
         metadata={
-            "help": "Scoring of the explanations and self-influence: 'linear' (first order in the masks) or 'exact' (the paper)."
+            "help": "Scoring of the explanations: 'centered' (linear, minus the training set's typical gradient: "
+            "see hf_turnover.linear), 'linear' (first order in the masks) or 'exact' (the paper). Self-influence "
+            "uses 'linear' for 'centered' (gold labels: nothing to center)."
         },
     )
     paper_scale: bool = field(
         default=False,
         metadata={"help": "The paper's scale: 5,000 instances, 10 epochs, adapters in every layer."},
+    )
+    cache_frozen_layers: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the frozen layers below the adapters once per sentence (eval mode) and train and "
+            "self-score on their cached output (recipes/frozen_layers.py); no effect with adapters in every layer."
+        },
     )
 
 
@@ -202,20 +216,33 @@ def main(argv: list[str] | None = None) -> None:
         "data_collator": DataCollatorWithPadding(tokenizer),
         "compute_metrics": AccuracyMetric(),
     }
+    train_in, validation_in, below = train_tok, validation_tok, frozen_below(model_args, backbone, recipe)
+    if (
+        below
+    ):  # the layers below the adapters give every sentence the same output in every step: run them once
+        start = time.time()
+        train_in, validation_in = (
+            states_for(split, data_args.text_column, backbone, data_args.max_seq_length, below)
+            for split in (train, validation)
+        )
+        timings["frozen_layers_s"] = time.time() - start
+        trainer_kwargs["data_collator"] = PadStates()
+        training_args.remove_unused_columns = False  # keeps the length column; PadStates drops the rest
 
     def build() -> nn.Module:
-        return build_model(model_args, config, backbone)
+        model = build_model(model_args, config, backbone)
+        return cut_bottom(model, below) if below else model
 
     # 1. Train with turn-over masks, logging the loss under own and flipped masks (Figure 2).
     steps = int(len(train) * training_args.num_train_epochs / training_args.per_device_train_batch_size)
     curves = LearningCurveCallback(
-        train_tok.select(range(min(recipe.curve_subset, len(train_tok)))),
-        eval_dataset=validation_tok.select(range(min(256, len(validation_tok)))),
+        train_in.select(range(min(recipe.curve_subset, len(train_in)))),
+        eval_dataset=validation_in.select(range(min(256, len(validation_in)))),
         every_n_steps=max(1, max(1, steps) // recipe.curve_points), batch_size=training_args.per_device_eval_batch_size,
     )  # fmt: skip
     start = time.time()
-    trainer = train_model(build, training_args, train_tok, callbacks=[curves], **trainer_kwargs)
-    prediction = predict_in_order(trainer, validation_tok)
+    trainer = train_model(build, training_args, train_in, callbacks=[curves], **trainer_kwargs)
+    prediction = predict_in_order(trainer, validation_in)
     accuracy, timings["train_turnover_s"] = float(prediction.metrics["test_accuracy"]), time.time() - start
     logger.info(f"Validation accuracy with turn-over dropout: {accuracy:.4f}")
 
@@ -224,16 +251,31 @@ def main(argv: list[str] | None = None) -> None:
     if recipe.baseline:
         start = time.time()
         plain = lambda: add_plain_dropout(remove_turnover(build()), config)  # noqa: E731
-        baseline = train_model(plain, training_args, train_tok, **trainer_kwargs)
-        baseline_accuracy = float(predict_in_order(baseline, validation_tok).metrics["test_accuracy"])
+        baseline = train_model(plain, training_args, train_in, **trainer_kwargs)
+        baseline_accuracy = float(predict_in_order(baseline, validation_in).metrics["test_accuracy"])
         timings["train_baseline_s"] = time.time() - start
         logger.info(f"Validation accuracy with ordinary dropout: {baseline_accuracy:.4f}")
     if not trainer.is_world_process_zero():
         return  # scoring and writing happen once, on the main process
 
-    # 3. The Hub-ready model, self-influence (Figure 7) and the misclassified sentences explained (Figures 3-4).
-    model = trainer.model.eval()
-    scorer = make_scorer(model, recipe.method)  # one for the checks and the report: one mask table
+    # Self-influence of every training sentence (Figure 7), on the same inputs as training; gold labels, so no
+    # centering (its reference stands for predictions).
+    model, start = trainer.model.eval(), time.time()
+    self_method = "linear" if recipe.method == "centered" else recipe.method
+    self_scores = self_influence(
+        model, train_in, batch_size=training_args.per_device_eval_batch_size, method=self_method
+    )
+    timings["self_influence_s"] = time.time() - start
+    if below:
+        restore_bottom(model)  # token inputs again: explanations, saving and pushing
+    reference = None
+    if recipe.method == "centered":
+        start = time.time()
+        reference = training_reference(model, tokenizer, train, max_length=data_args.max_seq_length)
+        timings["centered_reference_s"] = time.time() - start
+
+    # 3. The Hub-ready model and the misclassified sentences explained (Figures 3-4).
+    scorer = make_scorer(model, recipe.method, reference)  # one for the checks and the report: one mask table
     checks = None
     if recipe.num_checked:
         start = time.time()
@@ -250,11 +292,18 @@ def main(argv: list[str] | None = None) -> None:
         "repo_id": hub_repo_id(output, training_args) if training_args.push_at_end else None,
         "faithfulness": checks,
     }  # fmt: skip
-    save_turnover_model(model, output / "model", tokenizer=tokenizer, train_dataset=train, card=card)
+    save_turnover_model(
+        model,
+        output / "model",
+        tokenizer=tokenizer,
+        train_dataset=train,
+        card=card,
+        centered_reference=reference,
+    )
     plot_learning_curves(trainer.state.log_history, output / "learning_curves.png")
     explained = write_influence_outputs(
-        model, train, train_tok, validation, validation_tok, prediction.predictions, data_args, recipe,
-        training_args.per_device_eval_batch_size, output, timings, scorer,
+        model, train, self_scores, validation, validation_tok, prediction.predictions, data_args, recipe,
+        output, timings, scorer,
     )  # fmt: skip
     timings["total_s"] = time.time() - started
     write_json(output / "results.json", {

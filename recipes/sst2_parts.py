@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from adapters import AdapterConfig, LoRAConfig
 from common import markdown_table
+from frozen_layers import bottom_layer_states, with_states
 from torch import nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
@@ -20,7 +21,6 @@ from hf_turnover.config import TurnoverConfig
 from hf_turnover.data import load_text_classification
 from hf_turnover.evaluation import explanation_checks
 from hf_turnover.explain import explain_prediction, explain_predictions
-from hf_turnover.influence import self_influence
 from hf_turnover.linear import make_scorer
 from hf_turnover.lora import LoRARankHook, make_hook
 from hf_turnover.model import find_modules
@@ -70,6 +70,22 @@ def tokenize(
         ),
         batched=True,
     )
+
+
+def frozen_below(model_args: Any, backbone: str, recipe: Any) -> int:
+    """How many bottom encoder layers carry nothing that trains (their output can be cached): those below the
+    adapters, unless --cache_frozen_layers false or adapters sit in every layer (then 0)."""
+    if not recipe.cache_frozen_layers or not model_args.adapter_top_layers:
+        return 0
+    return max(0, AutoConfig.from_pretrained(backbone).num_hidden_layers - model_args.adapter_top_layers)
+
+
+def states_for(
+    split: datasets.Dataset, text_column: str, backbone: str, max_length: int, below: int
+) -> datasets.Dataset:
+    """``split`` with the output of the embeddings and the bottom ``below`` layers as ``inputs_embeds``."""
+    sentences = split.with_format(None, columns=[text_column])[:][text_column]
+    return with_states(split, *bottom_layer_states(backbone, sentences, max_length, below))
 
 
 def build_model(
@@ -202,29 +218,19 @@ def check_explanations(
 
 
 def write_influence_outputs(
-    model: nn.Module, train: datasets.Dataset, train_tok: datasets.Dataset, validation: datasets.Dataset,
-    validation_tok: datasets.Dataset, logits: np.ndarray, data_args: Any, recipe: Any, batch_size: int,
-    output: Path, timings: dict[str, float], scorer: Any = None,
+    model: nn.Module, train: datasets.Dataset, scores: datasets.Dataset, validation: datasets.Dataset,
+    validation_tok: datasets.Dataset, logits: np.ndarray, data_args: Any, recipe: Any, output: Path,
+    timings: dict[str, float], scorer: Any = None,
 ) -> int:  # fmt: skip
-    """Self-influence parquet + histogram, and the Markdown report; returns how many errors were explained."""
-    start = time.time()
-    scores = self_influence(model, train_tok, batch_size=batch_size, method=recipe.method)
-    timings["self_influence_s"] = time.time() - start
+    """Self-influence (``scores``) parquet + histogram, and the Markdown report; returns how many errors were
+    explained."""
     save_scores(scores, output / "self_influence.parquet")
     plot_self_influence(scores, output / "self_influence.png")
     start, text = time.time(), data_args.text_column
     report, explained = misclassified_report(
-        model,
-        train,
-        validation,
-        logits,
-        validation_tok,
-        text,
-        recipe.num_explained,
-        recipe.top_k,
-        recipe.method,
-        scorer,
-    )
+        model, train, validation, logits, validation_tok, text, recipe.num_explained, recipe.top_k,
+        recipe.method, scorer,
+    )  # fmt: skip
     report += top_self_influence(scores, train, text, recipe.top_k)
     timings["explain_s"] = time.time() - start
     atomic_write_text(output / "misclassified.md", report)
