@@ -113,21 +113,27 @@ def load_data(args, model, tokenizer, below: int):
     return s, data
 
 
-def score_turnover(model, args, hidden_t, y_t, predicted, n) -> dict:
-    """Turn-over exact and linear, explaining the true labels and (rescored where they differ) the predicted."""
+def score_turnover(model, args, hidden_t, y_t, predicted, n, hidden_train) -> dict:
+    """Turn-over exact, linear and centered, explaining the true labels and (rescored where they differ) the
+    predicted. The centered reference: the first 1,024 training sentences under their predicted labels."""
     wrong = np.flatnonzero((predicted != y_t).numpy())
+    reference, reference_cost = measure(lambda: top.reference_gradient(model, hidden_train))
     out = {}
-    for method in ("exact", "linear"):
+    for method in ("exact", "linear", "centered"):
         size = args.exact_batch_size if method == "exact" else None
+        ref = reference if method == "centered" else None
         true, cost = measure(
-            lambda method=method, size=size: top.turnover_scores(model, hidden_t, y_t, n, method, size)
+            lambda method=method, size=size, ref=ref: top.turnover_scores(
+                model, hidden_t, y_t, n, method, size, ref
+            )
         )
         pred = true.copy()
         if len(wrong):
             pred[wrong] = top.turnover_scores(
-                model, hidden_t.subset(wrong), predicted[wrong], n, method, size
+                model, hidden_t.subset(wrong), predicted[wrong], n, method, size, ref
             )
-        out[f"turn-over {method}"] = {"scores": {"true": true, "predicted": pred}, "setup_s": 0.0,
+        setup = reference_cost.seconds if ref is not None else 0.0
+        out[f"turn-over {method}"] = {"scores": {"true": true, "predicted": pred}, "setup_s": setup,
                                       "per_target_s": cost.seconds / len(y_t)}  # fmt: skip
     return out
 
@@ -211,7 +217,7 @@ def run(args, model, tokenizer, s, data, below: int) -> dict:
             "trainable_parameters": int(sum(p.numel() for p in M.trainable(model).values())),
         }  # fmt: skip
         print(f"reference: val acc {result['val_accuracy']:.3f}, {ref_run.seconds:.0f} s", flush=True)
-        methods = score_turnover(model, args, hidden_t, y_t, predicted, n)
+        methods = score_turnover(model, args, hidden_t, y_t, predicted, n, hidden)
         print("turn-over scored", flush=True)
         labels = {"true": y_t, "predicted": predicted}
         methods.update(score_peers(model, args, data, ref_run, reference, labels, total_steps))

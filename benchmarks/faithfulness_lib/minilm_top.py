@@ -36,10 +36,19 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 import hf_turnover
 from hf_turnover import turnover_context
 from hf_turnover.evaluation import score_matrix
+from hf_turnover.linear import reference_gradient as linear_reference_gradient
 from hf_turnover.reuse import keep_positions, tail_entry
 
 from . import minilm as M
 from .setups import CACHE_DIR
+
+
+def reference_gradient(model, hidden: Hidden, num_rows: int = 1024, batch_size: int = 64) -> dict:
+    """The ``method="centered"`` reference (:func:`hf_turnover.linear.reference_gradient`) of the first
+    ``num_rows`` rows of ``hidden`` (the training sentences, already in a seeded order), under predicted labels."""
+    rows = np.arange(min(num_rows, len(hidden)))
+    batches = (hidden.batch(rows[s : s + batch_size]) for s in range(0, len(rows), batch_size))
+    return linear_reference_gradient(model, batches)
 
 
 # ----------------------------------------------------------------------------------------------------- cache
@@ -291,11 +300,12 @@ def pooled_features(model, hidden: Hidden, chunk: int = 128) -> torch.Tensor:
 
 
 def turnover_scores(
-    model, hidden: Hidden, labels, num_train: int, method: str, batch_size=None
+    model, hidden: Hidden, labels, num_train: int, method: str, batch_size=None, reference=None
 ) -> np.ndarray:
     """(T, N) ``I(z_t, z_i)`` through :func:`hf_turnover.estimate_influence` on the cut model."""
     rows = [{"inputs_embeds": hidden.row(i), "attention_mask": torch.ones(int(hidden.lengths[i]), dtype=torch.long),
              "labels": int(labels[i])} for i in range(len(hidden))]  # fmt: skip
     result = hf_turnover.estimate_influence(model, None, rows, train_ids=list(range(num_train)), method=method,
-                                            batch_size=batch_size, check_fingerprint=False, progress=False)  # fmt: skip
+                                            reference=reference, batch_size=batch_size, check_fingerprint=False,
+                                            progress=False)  # fmt: skip
     return score_matrix(result, range(len(rows)), np.arange(num_train))[0]
