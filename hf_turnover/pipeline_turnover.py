@@ -50,7 +50,7 @@ from .training_set import INFO_FILE, load_training_set, save_training_set
 logger = logging.get_logger(__name__)
 
 TASK = "turnover-influence"
-DEFAULT_METHOD = "centered"  # pipe(text, method="linear") / method="exact" (the paper) are a call argument away
+DEFAULT_METHOD = "centered"  # method="linear" / "exact" (the paper) are a call argument away
 CUSTOM_PIPELINE = {
     "impl": "pipeline_turnover.InfluencePipeline",
     "pt": ("AutoModelForSequenceClassification",),

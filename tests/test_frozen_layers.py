@@ -31,13 +31,21 @@ def setup(tmp_path_factory):
         frozen = importlib.import_module("frozen_layers")
     finally:
         sys.path.remove(str(RECIPES))
-    train = load_bundled_dataset("rotten_tomatoes")["train"].select(range(12)).select_columns(["sentence", "label"])
+    train = (
+        load_bundled_dataset("rotten_tomatoes")["train"]
+        .select(range(12))
+        .select_columns(["sentence", "label"])
+    )
     train = train.add_column("instance_id", list(range(500, 512)))
     torch.manual_seed(0)
     config = wide_adapter_config(TurnoverBertForSequenceClassification.config_class.from_pretrained(backbone),
                                  16, 1)  # fmt: skip
     model = TurnoverBertForSequenceClassification.from_backbone(
-        str(backbone), num_labels=2, adapter_name="task", adapter_config=config, turnover=TurnoverConfig(seed=1)
+        str(backbone),
+        num_labels=2,
+        adapter_name="task",
+        adapter_config=config,
+        turnover=TurnoverConfig(seed=1),
     ).eval()
     for name, param in model.named_parameters():
         if "adapter_up" in name:
@@ -77,7 +85,9 @@ def test_self_influence_on_states_equals_self_influence_on_tokens(setup):
 
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     tokenized = train.map(lambda r: tokenizer(r["sentence"], truncation=True, max_length=24), batched=True)
-    states = frozen.with_states(train, *frozen.bottom_layer_states(str(backbone), train["sentence"][:], 24, 1))
+    states = frozen.with_states(
+        train, *frozen.bottom_layer_states(str(backbone), train["sentence"][:], 24, 1)
+    )
     kwargs = {"method": "linear", "batch_size": 5, "check_fingerprint": False, "progress": False}
     on_tokens = self_influence(model, tokenized, **kwargs)
     frozen.cut_bottom(model, 1)
@@ -91,7 +101,9 @@ def test_self_influence_on_states_equals_self_influence_on_tokens(setup):
 
 def test_padded_batches_pad_vector_columns_with_zeros_and_add_the_mask(setup):
     backbone, frozen, train, model = setup
-    states = frozen.with_states(train, *frozen.bottom_layer_states(str(backbone), train["sentence"][:], 24, 1))
+    states = frozen.with_states(
+        train, *frozen.bottom_layer_states(str(backbone), train["sentence"][:], 24, 1)
+    )
     lengths = states["length"][:]
     frozen.cut_bottom(model, 1)
     try:

@@ -239,7 +239,9 @@ def test_centered_scores_are_linear_scores_minus_the_mean_over_the_reference_row
     centered = score_matrix(estimate_influence(model, train, targets, method="centered", reference=reference,
                                                **kwargs))[0]  # fmt: skip
     linear = score_matrix(estimate_influence(model, train, targets, method="linear", **kwargs))[0]
-    on_reference = score_matrix(estimate_influence(model, train, reference_rows, method="linear", **kwargs))[0]
+    on_reference = score_matrix(estimate_influence(model, train, reference_rows, method="linear", **kwargs))[
+        0
+    ]
     np.testing.assert_allclose(centered, linear - on_reference.mean(0), rtol=1e-4, atol=1e-6)
     scorer = make_scorer(model, "centered", reference)
     assert scorer.method == "centered" and make_scorer(model, "linear").method == "linear"

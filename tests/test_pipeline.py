@@ -299,9 +299,9 @@ def test_centered_scores_are_the_engine_centered_scores(trained):
 
 
 def test_centered_reference_is_saved_and_read_back_not_recomputed(trained, tmp_path, monkeypatch):
-    import hf_turnover.pipeline_turnover as module
     from safetensors.torch import load_file
 
+    import hf_turnover.pipeline_turnover as module
     from hf_turnover.explain import REFERENCE_FILE
 
     pipe, _, _ = trained
@@ -310,7 +310,8 @@ def test_centered_reference_is_saved_and_read_back_not_recomputed(trained, tmp_p
     assert saved.keys() == pipe.centered_reference().keys()
     monkeypatch.setattr(module, "training_reference", lambda *a, **k: pytest.fail("recomputed"))
     loaded = InfluencePipeline(
-        model=TurnoverBertForSequenceClassification.from_pretrained(tmp_path / "pipe"), tokenizer=pipe.tokenizer
+        model=TurnoverBertForSequenceClassification.from_pretrained(tmp_path / "pipe"),
+        tokenizer=pipe.tokenizer,
     )
     assert_close(loaded("w1 w2", top_k=3, method="centered"), pipe("w1 w2", top_k=3, method="centered"))
 
