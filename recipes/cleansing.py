@@ -42,10 +42,11 @@ from cleansing_parts import (
     load_splits,
     most_harmful,
     plot,
+    reference_batches,
     removal_stats,
     removed_report,
     summarize,
-    without,
+    without_rows,
 )
 from cleansing_peers import PEERS, peer_scores
 from common import (
@@ -56,15 +57,18 @@ from common import (
     train_model,
     write_json,
 )
+from paired_retraining import FixedBatchesTrainer, fixed_batches, skip_rows
 
 from hf_turnover.atomic import atomic_write_text
 from hf_turnover.config import TurnoverArguments
 from hf_turnover.influence import mean_influence
+from hf_turnover.linear import reference_gradient
 from hf_turnover.model import get_turnover_config
 from hf_turnover.results import save_scores, scores_dataset
 
 logger = logging.getLogger(__name__)
 TURNOVER = "turn-over mean influence"
+CENTERED = "turn-over centered mean influence"
 
 
 @dataclass
@@ -134,6 +138,20 @@ class CleansingArguments:
         default=None,
         metadata={"help": "Cache of the frozen encoder's outputs (default: --output_dir/cache)."},
     )
+    paired_batches: bool = field(
+        default=True,
+        metadata={
+            "help": "Retrain every condition of a seed on the same minibatches, its removed sentences skipped in "
+            "place (recipes/paired_retraining.py); false: each condition's set shuffled anew."
+        },
+    )
+    centered: bool = field(
+        default=True,
+        metadata={
+            "help": "Also rank by centered mean influence (method='centered', reference: 1,024 training "
+            "sentences under their predicted labels), retrained as one more condition."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.setup not in ("frozen", "adapters"):
@@ -181,23 +199,30 @@ class CleansingTrainingArguments(RecipeTrainingArguments):
 
 
 def run_conditions(args, training_args, data: PreparedData, removals: dict[str, list[int]]) -> list[dict]:
-    """Retrain without turn-over under each condition and seed; electronics test accuracy and loss."""
+    """Retrain without turn-over under each condition and seed; electronics test accuracy and loss. With
+    ``--paired_batches`` every condition of a seed trains on the same minibatches, its removed rows skipped in
+    place; otherwise each condition's set is shuffled anew (the earlier protocol)."""
     n_remove = len(next(iter(removals.values())))
     names = ["no removal", "random removal", *removals]
     rows = {name: {"condition": name, "accuracies": [], "losses": []} for name in names}
     seeds = [training_args.seed + offset for offset in range(args.num_seeds)]
+    position = {int(i): row for row, i in enumerate(data.train["instance_id"])}
     for seed in seeds:
-        subsets = {"no removal": data.train}
-        subsets["random removal"] = without(
-            data.train, set(random.Random(seed).sample(range(len(data.train)), n_remove))
-        )
-        subsets.update({name: without(data.train, set(ids)) for name, ids in removals.items()})
-        for name, train in subsets.items():
+        removed = {
+            "no removal": [],
+            "random removal": random.Random(seed).sample(range(len(data.train)), n_remove),
+        }
+        removed.update({name: [position[i] for i in ids] for name, ids in removals.items()})
+        batches = fixed_batches(data.train, training_args.per_device_train_batch_size, seed)
+        for name, skipped in removed.items():
             training_args.seed = training_args.data_seed = seed
             build = partial(build_classifier, args, None, data)
-            trainer = train_model(
-                build, training_args, train, data_collator=data.collator, compute_metrics=AccuracyMetric()
-            )
+            common = {"data_collator": data.collator, "compute_metrics": AccuracyMetric()}
+            if args.paired_batches:
+                trainer = train_model(build, training_args, data.train, FixedBatchesTrainer,
+                                      batches=skip_rows(batches, skipped), **common)  # fmt: skip
+            else:
+                trainer = train_model(build, training_args, without_rows(data.train, skipped), **common)
             metrics = trainer.evaluate(data.test, metric_key_prefix="test")
             rows[name]["accuracies"].append(metrics["test_accuracy"])
             rows[name]["losses"].append(metrics["test_loss"])
@@ -228,6 +253,14 @@ def main(argv: list[str] | None = None) -> dict:
         batch_size=args.influence_batch_size,
     )  # fmt: skip
     save_scores(scores, output / "mean_influence.parquet")
+    centered = None
+    if args.centered:
+        reference = reference_gradient(trainer.model, reference_batches(data.train, data.collator))
+        centered = mean_influence(
+            trainer.model, data.train, data.validation, method="centered", reference=reference,
+            batch_size=args.influence_batch_size,
+        )  # fmt: skip
+        save_scores(centered, output / "mean_influence_centered.parquet")
     peers = peer_scores(trainer.model, data.train, data.validation, data.collator)
     ids = np.asarray(data.train["instance_id"])
     save_scores(
@@ -236,6 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. Remove the most harmful fraction by each method; 4. retrain without turn-over under each condition.
     rankings = {TURNOVER: dict(zip(scores["train_id"], scores["score"], strict=True))}
+    if centered is not None:
+        rankings[CENTERED] = dict(zip(centered["train_id"], centered["score"], strict=True))
     rankings.update({name: dict(zip(ids.tolist(), peers[name], strict=True)) for name in args.peer_list})
     removals = {name: most_harmful(ranking, args.remove_fraction) for name, ranking in rankings.items()}
     atomic_write_text(

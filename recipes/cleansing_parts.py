@@ -190,9 +190,20 @@ def _first_position(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
     return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
 
 
-def without(train: datasets.Dataset, ids: set[int]) -> datasets.Dataset:
-    keep = [row for row, i in enumerate(train["instance_id"]) if i not in ids]
-    return train.select(keep)
+def reference_batches(train: datasets.Dataset, collator: Any, num_rows: int = 1024, batch_size: int = 64):
+    """Model inputs (no labels) of ``num_rows`` training rows (a seeded sample): the centered method's reference."""
+    rows = np.sort(np.random.default_rng(0).permutation(len(train))[:num_rows])
+    columns = [c for c in ("inputs_embeds", "sentence_embedding", "label") if c in train.column_names]
+    train = train.select_columns(columns)
+    for start in range(0, len(rows), batch_size):
+        batch = collator([train[int(row)] for row in rows[start : start + batch_size]])
+        yield {k: v for k, v in batch.items() if k not in ("labels", "label")}
+
+
+def without_rows(train: datasets.Dataset, rows: list[int]) -> datasets.Dataset:
+    """``train`` without the rows at positions ``rows``."""
+    skipped = set(rows)
+    return train.select([row for row in range(len(train)) if row not in skipped])
 
 
 def removed_report(

@@ -173,13 +173,15 @@ def train_model(
     build_model: Callable[[], nn.Module],
     training_args: TrainingArguments,
     train_dataset: datasets.Dataset,
+    trainer_class: type[Trainer] | None = None,
     **kwargs,
 ) -> Trainer:
-    """Seed, build a fresh model and train it: with `TurnoverTrainer` when the model carries turn-over masks,
-    with a plain `Trainer` otherwise. ``kwargs`` go to the trainer (``data_collator``, ``callbacks``...)."""
+    """Seed, build a fresh model and train it: with ``trainer_class`` if given, else with `TurnoverTrainer` when
+    the model carries turn-over masks and a plain `Trainer` otherwise. ``kwargs`` go to the trainer
+    (``data_collator``, ``callbacks``...)."""
     set_seed(training_args.seed)  # the initial weights depend on the seed too
     model = build_model()
-    trainer_class = TurnoverTrainer if turnover_layers(model) else Trainer
+    trainer_class = trainer_class or (TurnoverTrainer if turnover_layers(model) else Trainer)
     trainer = trainer_class(model, training_args, train_dataset=train_dataset, **kwargs)
     trainer.train()
     return trainer

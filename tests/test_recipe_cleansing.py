@@ -135,7 +135,8 @@ def test_cleansing_runs_end_to_end(recipe, backbone, tmp_path):
     }  # fmt: skip
     results = recipe("cleansing").main([item for k, v in options.items() for item in (f"--{k}", str(v))])
     assert json.loads((out / "results.json").read_text()) == results
-    conditions = ["no removal", "random removal", "turn-over mean influence", "gradient_dot", "loss"]
+    conditions = ["no removal", "random removal", "turn-over mean influence", "turn-over centered mean influence",
+                  "gradient_dot", "loss"]  # fmt: skip
     assert [r["condition"] for r in results["rows"]] == conditions
     for row in results["rows"]:
         assert len(row["accuracies"]) == len(row["losses"]) == 2 and row["seeds"] == [0, 1]
@@ -145,7 +146,7 @@ def test_cleansing_runs_end_to_end(recipe, backbone, tmp_path):
         random_accuracies = results["rows"][1]["accuracies"]
         assert row["accuracy_vs_random"] == pytest.approx(np.subtract(row["accuracies"], random_accuracies))
     table = (out / "table.md").read_text().splitlines()
-    assert table[2].startswith("| no removal | ") and "78.3 +- 0.2" in table[4] and len(table) == 2 + 5 + 2
+    assert table[2].startswith("| no removal | ") and "78.3 +- 0.2" in table[4] and len(table) == 2 + 6 + 2
     # Each method removes its 10% most negative scores (6 of 60); ids are row positions.
     scores = load_scores(out / "mean_influence.parquet").to_pandas().set_index("train_id").score
     assert len(scores) == 60 and scores.notna().all() and (scores != 0).any()
@@ -172,5 +173,41 @@ def test_frozen_setup_still_runs(recipe, tmp_path):
         "no removal",
         "random removal",
         "turn-over mean influence",
+        "turn-over centered mean influence",
     ]
     assert len(results["removed_train_ids"]["turn-over mean influence"]) == 6
+
+
+def test_paired_batches_skip_removed_rows_in_place_and_train_on_exactly_them(recipe, tmp_path):
+    import datasets
+    from transformers import TrainingArguments
+
+    paired = recipe("paired_retraining")
+    assert paired.skip_rows([[0, 1, 2], [3, 4, 5], [6]], {1, 3, 6}) == [[0, 2], [4, 5]]
+    train = datasets.Dataset.from_dict({"x": [[float(i)] for i in range(10)], "label": [i % 2 for i in range(10)],
+                                        "length": [1, 9, 2, 8, 3, 7, 4, 6, 5, 5]})  # fmt: skip
+    batches = paired.fixed_batches(train, 4, seed=3)
+    assert sorted(sum(batches, [])) == list(range(10)) and [len(b) for b in batches] == [4, 4, 2]
+    assert batches == paired.fixed_batches(train, 4, seed=3) != paired.fixed_batches(train, 4, seed=4)
+    assert batches[0][0] == 1  # length-grouped as group_by_length: the longest row comes first
+    seen = []
+
+    def collate(rows):
+        seen.append([int(r["x"][0]) for r in rows])
+        return {"x": torch.tensor([r["x"] for r in rows]), "labels": torch.tensor([r["label"] for r in rows])}
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 2)
+
+        def forward(self, x, labels):
+            return {"loss": torch.nn.functional.cross_entropy(self.layer(x), labels)}
+
+    args = TrainingArguments(str(tmp_path), num_train_epochs=2, report_to=[], use_cpu=True, save_strategy="no",
+                             remove_unused_columns=False, disable_tqdm=True, dataloader_pin_memory=False)  # fmt: skip
+    skipped = paired.skip_rows(batches, [batches[1][0]])
+    paired.FixedBatchesTrainer(
+        Linear(), args, train_dataset=train, data_collator=collate, batches=skipped
+    ).train()
+    assert seen == skipped + skipped  # every epoch, in order
