@@ -5,12 +5,15 @@
 1. Train a sentiment classifier with turn-over dropout on the movie sentences (bundled Rotten Tomatoes train,
    8,454 sentences): all-MiniLM-L6-v2 with ``seq_bn`` bottleneck adapters in its top 3 layers (1,536 units in the
    top one, 384 in the two below), turn-over masks on those adapters and on the classifier input.
-2. Mean influence (linearized) of every training sentence on the 200 Amazon electronics validation sentences;
-   the peer scores (gradient dot product, last-layer influence function, training loss) on the same model.
+2. Mean influence (linearized, and centered: ``--centered``) of every training sentence on the 200 Amazon
+   electronics validation sentences; the peer scores (gradient dot product, last-layer influence function,
+   training loss) on the same model.
 3. Remove the 1% of training sentences with the most negative score (they raised the target loss) by each method.
 4. Retrain WITHOUT turn-over (ordinary dropout) on the full set, on the set minus 1% random sentences and on each
    cleansed set, for 4 seeds; report accuracy and loss on the 3,410 electronics test sentences (mean +- standard
-   error) and each condition minus random removal, paired by seed.
+   error) and each condition minus random removal, paired by seed. With ``--paired_batches`` (default) every
+   condition of a seed trains on the same minibatches with its removed sentences skipped in place, so that the
+   conditions differ by the removed sentences only, not by a new shuffle.
 
 Writes `table.md`, `results.json`, `cleansing.png`, `removed.md`, `mean_influence.parquet` and
 `peer_scores.parquet` to --output_dir.
