@@ -84,6 +84,16 @@ class MiniLMTopArguments:
     exact_batch_size: int | None = field(
         default=None, metadata={"help": "Ids per forward, exact (None: auto)."}
     )
+    turnover_methods: str = field(
+        default="exact,linear,centered",
+        metadata={"help": "Turn-over scoring methods to compare (comma-separated)."},
+    )
+    peers: bool = field(
+        default=True,
+        metadata={
+            "help": "Score the peers (influence function, gradient dot product, TracIn); random always."
+        },
+    )
     cache_to_disk: bool = field(default=True, metadata={"help": "Keep the frozen-layer cache in ~/.cache."})
     seed: int = field(default=0, metadata={"help": "Data order, model init, mask seed, minibatch order."})
     threads: int = field(default=1, metadata={"help": "torch threads (leave a core for others)."})
@@ -119,7 +129,7 @@ def score_turnover(model, args, hidden_t, y_t, predicted, n, hidden_train) -> di
     wrong = np.flatnonzero((predicted != y_t).numpy())
     reference, reference_cost = measure(lambda: top.reference_gradient(model, hidden_train))
     out = {}
-    for method in ("exact", "linear", "centered"):
+    for method in args.turnover_methods.split(","):
         size = args.exact_batch_size if method == "exact" else None
         ref = reference if method == "centered" else None
         true, cost = measure(
@@ -141,7 +151,11 @@ def score_turnover(model, args, hidden_t, y_t, predicted, n, hidden_train) -> di
 def score_peers(model, args, data, run, reference, labels_by_kind, total_steps) -> dict:
     """Exact last-layer influence function, gradient dot product (final weights), TracIn, random."""
     (hidden, y), (hidden_t, _) = data["train"], data["targets"]
+    rnd = np.random.default_rng(12345).standard_normal((len(hidden_t), len(y)))
     out = {}
+    if not args.peers:
+        out["random"] = {"scores": {k: rnd for k in labels_by_kind}, "setup_s": 0.0, "per_target_s": 0.0}
+        return out
     x_train = top.pooled_features(model, hidden)
     influence, setup = measure(lambda: M.TailLastLayerInfluence(model, x_train, y))
     x_t = top.pooled_features(model, hidden_t)
@@ -170,7 +184,6 @@ def score_peers(model, args, data, run, reference, labels_by_kind, total_steps) 
         M.load_params(model, reference)
         out[f"TracIn ({len(steps)} checkpoints, lr-weighted)"] = {
             "scores": traced, "setup_s": time.perf_counter() - start, "per_target_s": 0.0}  # fmt: skip
-    rnd = np.random.default_rng(12345).standard_normal((len(hidden_t), len(y)))
     out["random"] = {"scores": {k: rnd for k in labels_by_kind}, "setup_s": 0.0, "per_target_s": 0.0}
     return out
 
@@ -280,7 +293,7 @@ def markdown(r: dict) -> str:
         "* Identical-class test (Hanawa et al., ICLR 2021): scores explain the model's PREDICTED label; rate at "
         "which the top-1 most helpful training sentence carries that label, and the top-1 most harmful the other "
         "label; distinct training sentences over all targets' top-5 helpful lists.",
-        "* Peers on the same trainable part: the exact last-layer influence function (classifier, pooled features "
+        "* Peers on the same trainable part" + ("" if a.get("peers", True) else " (not run: --peers false)") + ": the exact last-layer influence function (classifier, pooled features "
         "fixed, damping 0.01), the gradient dot product at the final weights and TracIn (checkpoints evenly spaced "
         "in training, each weighted by the summed lr of the steps since the previous one), both with exact "
         "per-sample gradients of all trainable parameters; random.",
@@ -302,16 +315,22 @@ def markdown(r: dict) -> str:
         )
     ranked = sorted(r["methods"], key=lambda m: -m["lds"])
     by = {m["method"]: m for m in r["methods"]}
-    exact, rnd = by["turn-over exact"], by["random"]
+    first = next(m for m in r["methods"] if m["method"].startswith("turn-over"))
+    rnd = by["random"]
     best_peer = next(m for m in ranked if not m["method"].startswith("turn-over"))
+    agreement = (
+        f"Exact vs linear rank agreement (mean per-target Spearman over all N scores): "
+        f"{r['exact_vs_linear_spearman']:.3f} ± {r['exact_vs_linear_spearman_se']:.3f}. "
+        if "exact_vs_linear_spearman" in r
+        else ""
+    )
     lines += [
         "",
-        f"Highest LDS: {ranked[0]['method']} ({_f(ranked[0]['lds'])}). Turn-over exact minus random: "
-        f"{exact['lds'] - rnd['lds']:+.3f}; minus the best peer ({best_peer['method']}): "
-        f"{exact['lds'] - best_peer['lds']:+.3f}.",
+        f"Highest LDS: {ranked[0]['method']} ({_f(ranked[0]['lds'])}). {first['method'].capitalize()} minus random: "
+        f"{first['lds'] - rnd['lds']:+.3f}; minus the best other ({best_peer['method']}): "
+        f"{first['lds'] - best_peer['lds']:+.3f}.",
         f"Distinct top-5: out of {r['methods'][0]['top_lists_possible']} list entries ({r['num_targets']} targets "
-        f"x 5). Exact vs linear rank agreement (mean per-target Spearman over all N scores): "
-        f"{r['exact_vs_linear_spearman']:.3f} ± {r['exact_vs_linear_spearman_se']:.3f}. Mean std of a target's "
+        f"x 5). {agreement}Mean std of a target's "
         f"loss over the halves: {r['subset_loss_std_mean']:.3f}. Retraining the halves: "
         f"{r['lds_retrain_seconds'] / 60:.1f} min.",
         "",

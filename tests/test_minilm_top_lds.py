@@ -61,6 +61,7 @@ def test_metrics_finite_and_rates_in_range(smoke):
     assert {
         "turn-over exact",
         "turn-over linear",
+        "turn-over centered",
         "TracIn (2 checkpoints, lr-weighted)",
         "gradient dot product (final weights)",
         "influence function (last layer, exact)",
@@ -85,3 +86,14 @@ def test_masked_layers_beyond_top_layers_refused(tmp_path):
 
     with pytest.raises(ValueError, match="masked_layers=3"):
         minilm_top_lds.main(["--output_dir", str(tmp_path), "--smoke", "true", "--masked_layers", "3"])
+
+
+def test_chosen_turnover_methods_without_peers(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    import minilm_top_lds
+
+    argv = ["--output_dir", str(tmp_path), "--smoke", "true", "--turnover_methods", "linear,centered"]
+    results = minilm_top_lds.main([*argv, "--peers", "false"])
+    assert [r["method"] for r in results["methods"]] == ["turn-over linear", "turn-over centered", "random"]
+    assert "exact_vs_linear_spearman" not in results
+    assert "(not run: --peers false)" in (tmp_path / "results.md").read_text()
