@@ -101,9 +101,8 @@ def explain_predictions(
 
 
 REFERENCE_ROWS = 1024  # training texts averaged into the centered method's reference gradient
-REFERENCE_FILE = (
-    "turnover_reference.safetensors"  # where a saved model keeps it (one vector per masked layer)
-)
+# where a saved model keeps that reference (one vector per masked layer)
+REFERENCE_FILE = "turnover_reference.safetensors"
 
 
 def training_reference(

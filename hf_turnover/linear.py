@@ -14,14 +14,15 @@ masked layer, taken at the full network. With keep-bits ``b`` and keep probabili
 Positive: z_i helped z_t, as for the exact estimate. One forward and backward pass per target gives ``g`` over the
 ``d`` masked units; scoring ``N`` training ids is then one ``(N x d) . d`` product over their keep-bits.
 
+:class:`MaskTable` keeps those bits packed, 8 units per byte code, so the product is a sum of ``d / 8`` table
+look-ups per id (``torch.nn.functional.embedding_bag``): 10,000 ids x 8,192 units is a 41 MB table.
+
 ``method="centered"`` scores ``g(z_t) - g_ref`` instead of ``g(z_t)``, with ``g_ref`` the mean mask gradient of
 reference inputs under their predicted labels (:func:`reference_gradient`; by linearity, the linear score minus the
 mean linear score of z_i over the reference inputs). The gradients of predicted labels share a component (scaling
 some units up makes every prediction more confident), and ``(m~ - m) . g_ref`` is a per-instance number that the
 masks alone decide: in a single model it puts the same few training instances on top of unrelated explanations.
 Centering removes it; what stays is how much more z_i helped z_t than it helped a typical prediction.
-:class:`MaskTable` keeps those bits packed, 8 units per byte code, so the product is a sum of ``d / 8`` table
-look-ups per id (``torch.nn.functional.embedding_bag``): 10,000 ids x 8,192 units is a 41 MB table.
 
 This file travels with Hub models as remote code: installed packages and sibling modules only.
 """
@@ -226,6 +227,12 @@ class LinearScorer(TurnoverScorer):
     def _centered(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.reference is None:
             return grads
+        for name, g in grads.items():
+            if g.shape[1] != self.reference[name].numel():
+                raise ValueError(
+                    f"reference= has {self.reference[name].numel()} units for {name}, which has {g.shape[1]}: "
+                    "compute it with reference_gradient() on this model."
+                )
         return {n: g.float() - self.reference[n].to(g.device) for n, g in grads.items()}
 
 

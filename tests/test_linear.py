@@ -253,6 +253,11 @@ def test_centered_needs_the_reference_of_this_model():
         make_scorer(model, "centered")
     with pytest.raises(ValueError, match="masked layers are"):
         make_scorer(model, "centered", {"classifier": torch.zeros(2)})
+    scorer = make_scorer(model, "centered", {n: torch.zeros(3) for n in turnover_hooks(model)})
+    with pytest.raises(ValueError, match="has 3 units for"):
+        row = make_token_dataset(1)[0]
+        inputs = {k: torch.tensor([row[k]]) for k in ("input_ids", "attention_mask")}
+        scorer.score(inputs, torch.tensor([row["labels"]]), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="for method='centered'"):
         make_scorer(model, "linear", {"classifier": torch.zeros(2)})
 
