@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -308,7 +309,8 @@ def plot(scores: datasets.Dataset, cutoff: float, rows: list[dict], path: Path) 
     for x, r in enumerate(rows):
         right.scatter([x] * len(r["accuracies"]), 100 * np.array(r["accuracies"]), color="gray", s=12)
         right.errorbar(x + 0.15, 100 * r["accuracy_mean"], yerr=100 * r["accuracy_se"], fmt="o", capsize=4)
-    right.set_xticks(range(len(rows)), [r["condition"].replace(" ", "\n", 1) for r in rows], fontsize=8)
+    names = [textwrap.fill(r["condition"].replace("_", " "), 9) for r in rows]
+    right.set_xticks(range(len(rows)), names, fontsize=8)
     right.set(
         ylabel="target test accuracy (%)", title="retrained without turn-over (mean +- SE, seeds in gray)"
     )
