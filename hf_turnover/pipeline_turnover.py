@@ -50,7 +50,7 @@ from .training_set import INFO_FILE, load_training_set, save_training_set
 logger = logging.get_logger(__name__)
 
 TASK = "turnover-influence"
-DEFAULT_METHOD = "centered"  # method="linear" / "exact" (the paper) are a call argument away
+DEFAULT_METHOD = "linear"  # method="centered" / "exact" (the paper) are a call argument away
 CUSTOM_PIPELINE = {
     "impl": "pipeline_turnover.InfluencePipeline",
     "pt": ("AutoModelForSequenceClassification",),
@@ -68,13 +68,12 @@ class InfluencePipeline(Pipeline):
     i.e. for a wrong prediction the paper's "influential instances with the error label"; or a label id or
     name), ``batch_size`` (training instances per forward pass; default: sized to the input and device),
     ``max_length`` (tokens; longer texts are truncated and the output says ``"truncated": True``),
-    ``method``: ``"centered"``, the default, is ``"linear"`` with the training set's typical gradient taken out
-    of each text's (see :mod:`hf_turnover.linear`; the reference gradient travels with a saved pipeline), so the
-    lists show what is particular to the text rather than instances whose masks happen to help every
-    prediction; ``"linear"``: first order in the masks, one forward and backward pass per text and a product
-    with the training set's cached mask bits, a few milliseconds against thousands of instances; ``"exact"``:
-    own and flipped forward passes for every instance, the paper's estimate, about 2N forwards of the masked
-    layers per text.
+    ``method``: ``"linear"``, the default: first order in the masks, one forward and backward pass per text and a
+    product with the training set's cached mask bits, a few milliseconds against thousands of instances;
+    ``"centered"``: linear with the training set's typical gradient taken out of each text's (see
+    :mod:`hf_turnover.linear`; the reference gradient travels with a saved pipeline), which keeps instances whose
+    masks happen to help every prediction off the lists; ``"exact"``: own and flipped forward passes for every
+    instance, the paper's estimate, about 2N forwards of the masked layers per text.
     Construction takes ``train_dataset`` when no training set travels with the model.
 
     Each output: ``{"prediction": {"label", "score"}, "helpful": [...], "harmful": [...], "truncated",

@@ -156,10 +156,10 @@ class RecipeArguments:
     curve_subset: int = field(default=128, metadata={"help": "Training sentences in the own/flip curves."})
     curve_points: int = field(default=6, metadata={"help": "Points on the learning curves."})
     method: str = field(
-        default="centered",
+        default="linear",
         metadata={
-            "help": "Scoring of the explanations: 'centered' (linear, minus the training set's typical gradient: "
-            "see hf_turnover.linear), 'linear' (first order in the masks) or 'exact' (the paper). Self-influence "
+            "help": "Scoring of the explanations: 'linear' (first order in the masks), 'centered' (linear, minus "
+            "the training set's typical gradient: see hf_turnover.linear) or 'exact' (the paper). Self-influence "
             "uses 'linear' for 'centered' (gold labels: nothing to center)."
         },
     )
