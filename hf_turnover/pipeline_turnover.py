@@ -322,14 +322,20 @@ def _fingerprint(pipe: InfluencePipeline) -> dict[str, Any]:
 
 def _load_reference(model: Any) -> dict[str, torch.Tensor] | None:
     """The reference gradient saved beside the model (folder or Hub repo), or ``None``."""
+    path = _file_beside(model, REFERENCE_FILE)
+    return load_file(path) if path is not None else None
+
+
+def _file_beside(model: Any, filename: str) -> str | None:
+    """The local path of ``filename`` in the folder or Hub repo the model was loaded from, or ``None`` (no such
+    file, or a model built in memory)."""
     if not model.name_or_path:
         return None
     hub = {**_hub_kwargs(model), "_raise_exceptions_for_missing_entries": False}
     try:
-        path = cached_file(model.name_or_path, REFERENCE_FILE, **hub)
+        return cached_file(model.name_or_path, filename, **hub)
     except (OSError, ValueError):  # not a folder or repo id
         return None
-    return load_file(path) if path is not None else None
 
 
 def _hub_kwargs(model: Any) -> dict[str, Any]:
@@ -369,13 +375,8 @@ def _backbone_tokenizer(model: Any) -> Any:
 def _copy_card(model: Any, directory: Path) -> None:
     """Carry the model card of the turn-over folder or repo the model came from, if it has one (not the card
     of a backbone the model was built from)."""
-    if not model.name_or_path or (directory / "README.md").exists():
+    if (directory / "README.md").exists() or _file_beside(model, INFO_FILE) is None:
         return
-    hub = {**_hub_kwargs(model), "_raise_exceptions_for_missing_entries": False}
-    try:
-        turnover_source = cached_file(model.name_or_path, INFO_FILE, **hub) is not None
-        card = cached_file(model.name_or_path, "README.md", **hub) if turnover_source else None
-    except (OSError, ValueError):  # not a folder or repo id (e.g. a model built in memory)
-        card = None
+    card = _file_beside(model, "README.md")
     if card is not None:
         (directory / "README.md").write_text(Path(card).read_text(encoding="utf-8"), encoding="utf-8")
