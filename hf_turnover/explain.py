@@ -105,6 +105,11 @@ REFERENCE_ROWS = 1024  # training texts averaged into the centered method's refe
 REFERENCE_FILE = "turnover_reference.safetensors"
 
 
+def reference_rows(num_train: int, num_rows: int = REFERENCE_ROWS, seed: int = 0) -> np.ndarray:
+    """The training rows (sorted positions, a seeded sample of up to ``num_rows``) averaged into a reference."""
+    return np.sort(np.random.default_rng(seed).permutation(num_train)[:num_rows])
+
+
 def training_reference(
     model: nn.Module,
     tokenizer: Any,
@@ -124,8 +129,9 @@ def training_reference(
             f"The training set has no text column ({TEXT_COLUMNS}; it has {train_dataset.column_names}): compute "
             "the reference with hf_turnover.linear.reference_gradient(model, batches) from your own inputs."
         )
-    rows = np.sort(np.random.default_rng(seed).permutation(len(train_dataset))[:num_rows])
-    texts = python_format(train_dataset).select(rows)[text_column]
+    texts = python_format(train_dataset).select(reference_rows(len(train_dataset), num_rows, seed))[
+        text_column
+    ]
     texts = sorted(texts, key=len)  # similar lengths per batch: little padding (the mean ignores the order)
     names = set(model_input_names(model))
 

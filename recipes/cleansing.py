@@ -220,12 +220,14 @@ def run_conditions(args, training_args, data: PreparedData, removals: dict[str, 
         for name, skipped in removed.items():
             training_args.seed = training_args.data_seed = seed
             build = partial(build_classifier, args, None, data)
-            common = {"data_collator": data.collator, "compute_metrics": AccuracyMetric()}
+            trainer_kwargs = {"data_collator": data.collator, "compute_metrics": AccuracyMetric()}
             if args.paired_batches:
                 trainer = train_model(build, training_args, data.train, FixedBatchesTrainer,
-                                      batches=skip_rows(batches, skipped), **common)  # fmt: skip
+                                      batches=skip_rows(batches, skipped), **trainer_kwargs)  # fmt: skip
             else:
-                trainer = train_model(build, training_args, without_rows(data.train, skipped), **common)
+                trainer = train_model(
+                    build, training_args, without_rows(data.train, skipped), **trainer_kwargs
+                )
             metrics = trainer.evaluate(data.test, metric_key_prefix="test")
             rows[name]["accuracies"].append(metrics["test_accuracy"])
             rows[name]["losses"].append(metrics["test_loss"])

@@ -36,6 +36,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_turnover.config import TurnoverArguments
 from hf_turnover.data import load_text_classification
+from hf_turnover.explain import reference_rows
 from hf_turnover.model import add_turnover
 from hf_turnover.reuse import tail_entry
 from hf_turnover.wide import wide_adapter_config
@@ -191,9 +192,10 @@ def _first_position(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
     return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
 
 
-def reference_batches(train: datasets.Dataset, collator: Any, num_rows: int = 1024, batch_size: int = 64):
-    """Model inputs (no labels) of ``num_rows`` training rows (a seeded sample): the centered method's reference."""
-    rows = np.sort(np.random.default_rng(0).permutation(len(train))[:num_rows])
+def reference_batches(train: datasets.Dataset, collator: Any, batch_size: int = 64):
+    """Model inputs (no labels) of the training rows the library averages into the centered method's reference
+    (:func:`hf_turnover.explain.reference_rows`)."""
+    rows = reference_rows(len(train))
     columns = [c for c in ("inputs_embeds", "sentence_embedding", "label") if c in train.column_names]
     train = train.select_columns(columns)
     for start in range(0, len(rows), batch_size):
