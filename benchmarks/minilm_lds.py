@@ -344,6 +344,21 @@ def _f(v, d=3):
     return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{d}f}"
 
 
+def methods_table(methods: list[dict]) -> list[str]:
+    """Markdown lines of the methods table: LDS, identical-class test, distinct top-5, cost."""
+    lines = [
+        "| method | LDS | helpful top-1 same class | harmful top-1 other class | distinct top-5 helpful | setup s | s / target |",
+        "|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in methods:
+        lines.append(
+            f"| {r['method']} | {_f(r['lds'])} ± {_f(r['lds_se'])} | {_f(r.get('helpful_same_class'))} | "
+            f"{_f(r.get('harmful_other_class'))} | {r.get('distinct_top5_helpful', '-')} | {_f(r['setup_s'], 1)} | "
+            f"{_f(r['per_target_s'], 4)} |"
+        )
+    return lines
+
+
 SWEEP_HEAD = (
     "| W | lr, epochs | val acc | test acc | LDS exact | LDS linear | exact vs linear rho | s/step tail | "
     "s/step tail rel. | s/step full model | s/target exact | s/target linear |"
@@ -409,15 +424,8 @@ def markdown(results: dict) -> str:
         f"{main['val_accuracy']:.3f}, test (1,057) {main['test_accuracy']:.3f}, targets {main['target_accuracy']:.3f}. "
         f"Training: {main['seconds_per_step_tail'] * 1000:.0f} ms/step on the cached tail, {main['train_steps']} steps.",
         "",
-        "| method | LDS | helpful top-1 same class | harmful top-1 other class | distinct top-5 helpful | setup s | s / target |",
-        "|---|---|---|---|---|---|---|",
+        *methods_table(main["methods"]),
     ]
-    for r in main["methods"]:
-        lines.append(
-            f"| {r['method']} | {_f(r['lds'])} ± {_f(r['lds_se'])} | {_f(r.get('helpful_same_class'))} | "
-            f"{_f(r.get('harmful_other_class'))} | {r.get('distinct_top5_helpful', '-')} | {_f(r['setup_s'], 1)} | "
-            f"{_f(r['per_target_s'], 4)} |"
-        )
     ranked = sorted(main["methods"], key=lambda r: -r["lds"])
     exact = next(r for r in main["methods"] if r["method"] == "turn-over exact")
     best_peer = next(r for r in ranked if not r["method"].startswith("turn-over"))

@@ -44,7 +44,7 @@ from faithfulness_lib import minilm as M
 from faithfulness_lib import minilm_top as top
 from faithfulness_lib.cost import measure
 from faithfulness_lib.minilm_top_grads import Grads, capture, grad_dot, per_sample_grads_loop
-from minilm_lds import _f, summarize_methods
+from minilm_lds import _f, methods_table, summarize_methods
 from transformers import AutoTokenizer
 
 from hf_turnover.atomic import atomic_write_text
@@ -127,9 +127,11 @@ def score_turnover(model, args, hidden_t, y_t, predicted, n, hidden_train) -> di
     """Turn-over exact, linear and centered, explaining the true labels and (rescored where they differ) the
     predicted. The centered reference: the first 1,024 training sentences under their predicted labels."""
     wrong = np.flatnonzero((predicted != y_t).numpy())
-    reference, reference_cost = measure(lambda: top.reference_gradient(model, hidden_train))
+    methods = args.turnover_methods.split(",")
+    if "centered" in methods:
+        reference, reference_cost = measure(lambda: top.reference_gradient(model, hidden_train))
     out = {}
-    for method in args.turnover_methods.split(","):
+    for method in methods:
         size = args.exact_batch_size if method == "exact" else None
         ref = reference if method == "centered" else None
         true, cost = measure(
@@ -304,15 +306,8 @@ def markdown(r: dict) -> str:
         f"{r['test_accuracy']:.3f}, targets {r['target_accuracy']:.3f}. Training: {r['train_steps']} steps, "
         f"{r['train_seconds']:.0f} s on the cache.",
         "",
-        "| method | LDS | helpful top-1 same class | harmful top-1 other class | distinct top-5 helpful | setup s | s / target |",
-        "|---|---|---|---|---|---|---|",
+        *methods_table(r["methods"]),
     ]  # fmt: skip
-    for m in r["methods"]:
-        lines.append(
-            f"| {m['method']} | {_f(m['lds'])} ± {_f(m['lds_se'])} | {_f(m['helpful_same_class'])} | "
-            f"{_f(m['harmful_other_class'])} | {m['distinct_top5_helpful']} | {_f(m['setup_s'], 1)} | "
-            f"{_f(m['per_target_s'], 4)} |"
-        )
     ranked = sorted(r["methods"], key=lambda m: -m["lds"])
     by = {m["method"]: m for m in r["methods"]}
     first = next(m for m in r["methods"] if m["method"].startswith("turn-over"))

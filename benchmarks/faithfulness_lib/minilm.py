@@ -29,6 +29,7 @@ from transformers import PretrainedConfig
 
 import hf_turnover
 from hf_turnover import TurnoverConfig, turnover_context
+from hf_turnover.atomic import atomic_path
 from hf_turnover.evaluation import score_matrix
 from hf_turnover.model import add_turnover, remove_turnover, turnover_layers
 from hf_turnover.modeling_turnover import TurnoverBertForSequenceClassification
@@ -170,12 +171,15 @@ def cache_cls_inputs(
     inverse[order] = np.arange(len(order))
     cached = Cached(torch.cat(inter)[inverse].contiguous(), torch.cat(attn)[inverse].contiguous())
     if use_disk:
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        from hf_turnover.atomic import atomic_path
-
-        with atomic_path(path) as tmp:
-            torch.save({"intermediate": cached.intermediate, "attention": cached.attention}, tmp)
+        save_cache(path, {"intermediate": cached.intermediate, "attention": cached.attention})
     return cached
+
+
+def save_cache(path, tensors: dict[str, torch.Tensor]) -> None:
+    """Keep cached frozen-layer outputs in ``CACHE_DIR`` (written atomically: an interrupted run leaves none)."""
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(tensors, tmp)
 
 
 class Tail(nn.Module):

@@ -116,11 +116,7 @@ def cache_hidden(
             layers[i] = layer
     cached = Hidden(torch.cat(rows), torch.tensor([len(r) for r in rows]))
     if use_disk:
-        from hf_turnover.atomic import atomic_path
-
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            torch.save({"values": cached.values, "lengths": cached.lengths}, tmp)
+        M.save_cache(path, {"values": cached.values, "lengths": cached.lengths})
     return cached
 
 
