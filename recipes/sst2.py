@@ -7,9 +7,11 @@ runs the main job offline on this project's defaults, the set-up of the embedded
 in the top one, 384 below: `hf_turnover.wide_adapter_config`), turn-over masks on both adapters and on the
 classifier input, trained with `TurnoverTrainer` on all 8,454 bundled Rotten Tomatoes sentences (the sentences SST
 was built from) for one epoch. `benchmarks/default_model_sweep.py` chose it (recorded in `benchmarks/RESULTS.md`).
-Sized for a 2-core CPU: the top layer's adapter sits after the last attention, so training and exact scoring
-compute it at the [CLS] position only, and the explanations use linearized scoring (`--method linear`: one
-backward pass per explained sentence). `--adapter_top_layers 1 --max_train_samples 4000` gives the earlier,
+Sized for a 2-core CPU: the four frozen layers below the adapters run once per sentence and both trainings and
+self-influence run on their cached output (`recipes/frozen_layers.py`; `--cache_frozen_layers false` to turn it
+off), the top layer's adapter sits after the last attention, so training and exact scoring compute it at the
+[CLS] position only, and the explanations use linearized scoring (`--method linear`: one backward pass per
+explained sentence; `--method centered` subtracts the training set's typical gradient first). `--adapter_top_layers 1 --max_train_samples 4000` gives the earlier,
 less accurate default; `--adapter_config double_seq_bn --adapter_width 0` the narrow Houlsby set-up, and
 `--adapter_config lora --adapter_top_layers 0` LoRA (`adapters.LoRAConfig`, rank `--lora_r` on query and value of
 every layer) with the turn-over masks on its rank units and the classifier input (the run in recipes/README.md).
