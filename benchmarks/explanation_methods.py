@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     if len(outputs) == 2:
         first, second = outputs.values()
         overlap = [
-            len({i["id"] for i in a["helpful"]} & {i["id"] for i in b["helpful"]}) / 5
+            len({i["train_id"] for i in a["helpful"]} & {i["train_id"] for i in b["helpful"]}) / 5
             for a, b in zip(first, second, strict=True)
         ]
         results["top5_overlap_between_methods"] = float(np.mean(overlap))

@@ -115,7 +115,7 @@ def main() -> None:
             "stage_share_of_median": {
                 stage: statistics.median(values) / median for stage, values in stages[method].items()
             },
-            "distinct_top5_helpful": len({item["id"] for items in helpful for item in items}),
+            "distinct_top5_helpful": len({item["train_id"] for items in helpful for item in items}),
             "top5_entries": sum(len(items) for items in helpful),
             "identical_class_top1": statistics.fmean(
                 float(items[0]["label"] == out["prediction"]["label"])

@@ -144,11 +144,12 @@ def _gather(state: Any, part: Any) -> list[Any]:
 
 def estimate_influence(state: Any, model, train_dataset, targets, **options: Any):
     """:func:`hf_turnover.estimate_influence` over the processes of ``state``."""
-    from .influence import _arguments, _target_rows, _TargetPrep, training_ids
+    from .influence import _arguments, _target_rows, _TargetPrep, resolve_train_batch_size, training_ids
 
     top_k, progress = options["top_k"], options["progress"]
     scorer = make_scorer(
-        model, options["method"], variant=options["variant"], batch_size=options["batch_size"],
+        model, options["method"], variant=options["variant"],
+        batch_size=resolve_train_batch_size(options["train_batch_size"], options["batch_size"]),
         loss_fn=options["loss_fn"], forward_fn=options["forward_fn"], dtype=options["dtype"],
         positions=options["positions"],
     )  # fmt: skip

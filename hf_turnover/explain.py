@@ -11,7 +11,16 @@ import torch
 from torch import nn
 
 from .influence import predict, training_ids
-from .inputs import integer_column, label_column, model_input_names, pad_rows, python_format, to_batch
+from .inputs import (
+    check_dataset,
+    check_target,
+    integer_column,
+    label_column,
+    model_input_names,
+    pad_rows,
+    python_format,
+    to_batch,
+)
 from .linear import LinearScorer, make_scorer, reference_gradient
 from .scorer import TurnoverScorer
 from .training_set import TEXT_COLUMNS
@@ -22,10 +31,10 @@ def explain_prediction(
     train_dataset: datasets.Dataset,
     target: Mapping[str, Any],
     *,
-    top_k: int = 5,
+    top_k: int | None = 5,
     restrict_to_label: bool | int | None = None,
     text_column: str | None = None,
-    method: str = "exact",
+    method: str = "linear",
     check_fingerprint: bool = True,
     progress: bool | None = None,
     scorer: TurnoverScorer | None = None,
@@ -33,33 +42,61 @@ def explain_prediction(
 ) -> dict[str, Any]:
     """The training instances that most supported, and most opposed, the model's prediction on ``target``.
 
-    The explained label is the model's prediction (full network). ``helpful`` holds the ``top_k`` instances
-    with the largest ``I(target, z_i)`` for that label (positive: z_i pushed the model towards it), ``harmful``
-    the ``top_k`` most negative. ``restrict_to_label=True`` keeps only training instances carrying the
-    predicted label (for a wrong prediction: the paper's "influential instances with the error label"); an int
-    keeps instances with that label.
+    ``target`` is one tokenized input (``dict(tokenizer(text))``; for raw text use
+    ``pipeline("turnover-influence")``). The explained label is the model's prediction (full network).
+    ``helpful`` holds up to ``top_k`` instances with the largest ``I(target, z_i) > 0`` for that label (z_i
+    pushed the model towards it), ``harmful`` up to ``top_k`` with the most negative scores: helpful scores are
+    always > 0, harmful ones < 0, and no instance is in both lists (either may hold fewer than ``top_k``).
+    ``top_k=None`` lists every instance with a positive and every one with a negative score.
+    ``restrict_to_label=True`` keeps only training instances carrying the predicted label (for a wrong
+    prediction: the paper's "influential instances with the error label"); an int keeps that label.
 
-    Returns ``{"prediction": {"label", "score"}, "true_label", "label_used", "label_source", "helpful",
-    "harmful"}``; each instance is ``{"train_id", "row", "text", "label", "score"}`` (``row`` indexes
-    ``train_dataset``, e.g. to fetch an image). ``method="linear"`` scores to first order in the masks (one
-    backward pass, then a product with the mask bits; see :mod:`hf_turnover.linear`). Explaining many targets,
-    pass one ``scorer`` (``hf_turnover.linear.make_scorer(model, method)``) to all calls: it probes the model
-    once, and the linear one keeps the training ids' mask table.
+    Returns ``{"prediction": {"label", "score"}, "helpful", "harmful", "true_label", "restricted_to_label",
+    "warnings"}``, the schema of ``pipeline("turnover-influence")``; labels are names from
+    ``model.config.id2label``. Each instance is ``{"train_id", "text", "label", "score", "percentile"}``:
+    ``score`` is the raw influence (its scale differs from query to query: a confident prediction's scores are
+    smaller), ``percentile`` its rank among all scored instances of this query (100: the highest score, 0: the
+    lowest), comparable across queries.
+
+    ``method="linear"`` (the default) scores to first order in the masks (one backward pass, then a product with
+    the mask bits; see :mod:`hf_turnover.linear`); ``"exact"`` runs own and flipped forwards for every instance
+    (the paper; ``progress``: a progress bar over its chunks, by default when there are many); ``"centered"``
+    needs ``scorer=make_scorer(model, "centered", reference)``. ``train_batch_size``: training ids per forward
+    of the exact method. Explaining many targets, pass one ``scorer`` (``hf_turnover.linear.make_scorer(model,
+    method)``) to all calls: it probes the model once, and the linear one keeps the training ids' mask table.
     """
-    if scorer is None:
-        scorer = make_scorer(model, method, **scorer_kwargs)
-    elif scorer_kwargs or scorer.model is not model:
-        raise ValueError(
-            f"Pass either scorer= (a TurnoverScorer of this model) or scorer options {sorted(scorer_kwargs)}."
-        )
-    train_dataset = python_format(train_dataset)
+    train_dataset = check_dataset(train_dataset, "train_dataset")
+    check_target(target, model_input_names(model))
+    scorer = _scorer(model, method, scorer, scorer_kwargs)
     inputs = to_batch([target], model_input_names(model), scorer.device)
     options = {"top_k": top_k, "restrict_to_label": restrict_to_label, "text_column": text_column}
     if isinstance(scorer, LinearScorer):  # the prediction and the mask gradients from one pass
         logits, scores = _linear_pass(scorer, train_dataset, inputs, check_fingerprint)
         return _explain(scorer, train_dataset, target, None, logits[0], scores[0], False, **options)
     logits = predict(scorer, inputs)
+    options["progress"] = progress
     return _explain(scorer, train_dataset, target, inputs, logits[0], None, check_fingerprint, **options)
+
+
+def _scorer(
+    model: nn.Module, method: str, scorer: TurnoverScorer | None, kwargs: dict[str, Any]
+) -> TurnoverScorer:
+    """The given scorer, or one made for ``method``; ``train_batch_size`` is the scorer's ids per forward."""
+    if "batch_size" in kwargs:
+        raise TypeError(
+            "explain_prediction's training ids per forward are train_batch_size= (batch_size= is gone: in "
+            "explain_predictions and the pipeline it counts targets per batch)."
+        )
+    if scorer is None:
+        kwargs = dict(kwargs)
+        if "train_batch_size" in kwargs:
+            kwargs["batch_size"] = kwargs.pop("train_batch_size")
+        return make_scorer(model, method, **kwargs)
+    if kwargs or scorer.model is not model:
+        raise ValueError(
+            f"Pass either scorer= (a TurnoverScorer of this model) or scorer options {sorted(kwargs)}."
+        )
+    return scorer
 
 
 def explain_predictions(
@@ -69,14 +106,23 @@ def explain_predictions(
     *,
     batch_size: int = 16,
     scorer: TurnoverScorer | None = None,
-    method: str = "exact",
+    method: str = "linear",
     check_fingerprint: bool = True,
     **options: Any,
 ) -> list[dict[str, Any]]:
-    """:func:`explain_prediction` for several targets; with ``method="linear"`` (or a linear ``scorer``) the
-    targets run ``batch_size`` at a time, padded, through one forward and backward pass and one product with
-    the mask table, so the fixed work is shared. ``options``: ``top_k``, ``restrict_to_label``,
-    ``text_column``."""
+    """:func:`explain_prediction` for several targets (same output schema); with ``method="linear"`` (or a
+    linear ``scorer``) the targets run ``batch_size`` at a time (targets per batch, as in transformers'
+    pipelines), padded, through one forward and backward pass and one product with the mask table, so the fixed
+    work is shared. ``options``: ``top_k``, ``restrict_to_label``, ``text_column``, ``progress``."""
+    train_dataset = check_dataset(train_dataset, "train_dataset")
+    if isinstance(targets, (str, Mapping)):
+        raise TypeError(
+            f"targets must be a list of tokenized inputs, got a {type(targets).__name__}: for one target use "
+            "explain_prediction(model, train_dataset, target)."
+        )
+    names = model_input_names(model)
+    for target in targets:
+        check_target(target, names)
     scorer = scorer or make_scorer(model, method)
     if not isinstance(scorer, LinearScorer):
         return [
@@ -85,8 +131,7 @@ def explain_predictions(
             )  # fmt: skip
             for t in targets
         ]
-    train_dataset = python_format(train_dataset)
-    names = model_input_names(model)
+    options.pop("progress", None)  # the linear method has no long loop to show
     pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
     out = []
     for start in range(0, len(targets), batch_size):
@@ -161,19 +206,21 @@ def _explain(
     logits: torch.Tensor,
     linear_scores: torch.Tensor | None,
     check_fingerprint: bool,
-    top_k: int = 5,
+    top_k: int | None = 5,
     restrict_to_label: bool | int | None = None,
     text_column: str | None = None,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """The explanation of one target from its logits (C,) and, for the linear scorer, the scores of every
     training id (N,); the exact scorer scores the candidates here, from ``inputs``."""
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None (every instance), got {top_k!r}.")
     probabilities = logits.softmax(-1)
     predicted = int(probabilities.argmax())
     labels = label_column(train_dataset.column_names)
     all_ids, label_values = _training_columns(scorer, train_dataset, labels, check_fingerprint)
-    candidates = _candidates(
-        train_dataset, labels, predicted if restrict_to_label is True else restrict_to_label, label_values
-    )
+    restricted = predicted if restrict_to_label is True else restrict_to_label
+    candidates = _candidates(train_dataset, labels, restricted, label_values)
     ids = all_ids[candidates]
     if ids.numel() == 0:
         raise ValueError(
@@ -183,30 +230,57 @@ def _explain(
         scores = linear_scores[candidates]
         scorer._warn_if_unmasked(scores)
     else:
-        scores = scorer.score(inputs, torch.tensor([predicted], device=scorer.device), ids)
-    order = torch.argsort(scores, descending=True)
+        scores = scorer.score(inputs, torch.tensor([predicted], device=scorer.device), ids, progress=progress)
     text_column = text_column or next((c for c in TEXT_COLUMNS if c in train_dataset.column_names), None)
+    name = label_namer(scorer.model)
+    helpful, harmful, percentiles = ranked_sides(scores, top_k)
 
     def describe(position: int) -> dict[str, Any]:
-        row = int(candidates[position])
+        row = train_dataset[int(candidates[position])]
         return {
             "train_id": int(ids[position]),
-            "row": row,
-            "text": train_dataset[row][text_column] if text_column else None,
-            "label": train_dataset[row][labels] if labels else None,
+            "text": row[text_column] if text_column else None,
+            "label": name(row[labels]) if labels else None,
             "score": float(scores[position]),
+            "percentile": float(percentiles[position]),
         }
 
-    k = min(top_k, len(order))
     true_label = next((target[c] for c in ("labels", "label") if target.get(c) is not None), None)
     return {
-        "prediction": {"label": predicted, "score": float(probabilities[predicted])},
-        "true_label": true_label,
-        "label_used": predicted,
-        "label_source": "predicted",
-        "helpful": [describe(int(i)) for i in order[:k]],
-        "harmful": [describe(int(i)) for i in order.flip(0)[:k]],
+        "prediction": {"label": name(predicted), "score": float(probabilities[predicted])},
+        "helpful": [describe(i) for i in helpful],
+        "harmful": [describe(i) for i in harmful],
+        "true_label": name(true_label),
+        "restricted_to_label": None if restricted is None or restricted is False else name(restricted),
+        "warnings": [],
     }
+
+
+def ranked_sides(scores: torch.Tensor, top_k: int | None) -> tuple[list[int], list[int], torch.Tensor]:
+    """Positions of the helpful (score > 0, highest first) and harmful (score < 0, lowest first) instances,
+    at most ``top_k`` each (``None``: all), and every score's rank percentile (N,): 100 for the highest score,
+    0 for the lowest (ties in order of position)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    n = len(order)
+    percentiles = torch.empty(n, dtype=torch.float64)
+    percentiles[order] = 100.0 * (n - 1 - torch.arange(n, dtype=torch.float64)) / max(n - 1, 1)
+    positive = int((scores > 0).sum())
+    negative = int((scores < 0).sum())
+    k_pos = positive if top_k is None else min(top_k, positive)
+    k_neg = negative if top_k is None else min(top_k, negative)
+    return order[:k_pos].tolist(), order.flip(0)[:k_neg].tolist(), percentiles
+
+
+def label_namer(model: nn.Module) -> Any:
+    """``label id -> name`` from ``model.config.id2label`` (ids without a name, and ``None``, pass through)."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+
+    def name(label: Any) -> Any:
+        if label is None or isinstance(label, str):
+            return label
+        return id2label.get(int(label), label)
+
+    return name
 
 
 def _training_columns(

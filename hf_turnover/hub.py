@@ -17,6 +17,7 @@ half-written model.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -46,6 +47,9 @@ def register_with_transformers() -> None:
     AutoModelForSequenceClassification.register(
         TurnoverBertConfig, TurnoverBertForSequenceClassification, exist_ok=True
     )
+    pipelines_logger = logging.getLogger("transformers.pipelines")
+    if not any(isinstance(f, _EmbeddedDefaultNotice) for f in pipelines_logger.filters):
+        pipelines_logger.addFilter(_EmbeddedDefaultNotice())
     if TASK not in PIPELINE_REGISTRY.get_supported_tasks():
         default = (
             {"pt": (str(DEFAULT_MODEL_DIR), None)} if (DEFAULT_MODEL_DIR / "config.json").is_file() else None
@@ -57,6 +61,15 @@ def register_with_transformers() -> None:
             default=default,
             type="text",
         )
+
+
+class _EmbeddedDefaultNotice(logging.Filter):
+    """Drops transformers' "No model was supplied, defaulted to <model> ... (https://huggingface.co/<model>)"
+    notice when <model> is the embedded default: it is a folder inside hf_turnover, pinned by this version, not
+    a Hub repo at a floating revision, so the notice and its link would mislead. Any other default still warns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(f"No model was supplied, defaulted to {DEFAULT_MODEL_DIR} ")
 
 
 def save_turnover_model(

@@ -3,13 +3,16 @@
 Sign convention (as in the paper): ``I(z_t, z_i) = L(f with the flipped mask of z_i, z_t) - L(f with the own mask
 of z_i, z_t)``. **Positive: z_i helped z_t** (the loss on z_t is lower in the sub-network trained on z_i).
 
-``method="exact"`` runs the own and flipped forward passes (the paper); ``method="linear"`` takes the first-order
-form in the mask values (one backward pass per target, then a product with the mask bits; see ``linear.py``).
+``method="linear"``, the default of every function here and of the pipeline, takes the first-order form in the mask
+values (one backward pass per target, then a product with the mask bits; see ``linear.py``); ``method="exact"``
+runs the own and flipped forward passes (the paper). ``train_batch_size`` is the exact method's training ids per
+forward (``batch_size`` keeps the transformers meaning: inputs per batch).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +28,7 @@ from .distributed import shardable
 from .fingerprint import check_fingerprint, recorded_fingerprint
 from .inputs import (
     LossFn,
+    check_dataset,
     integer_column,
     label_column,
     length_order,
@@ -43,6 +47,28 @@ logger = logging.get_logger(__name__)
 Targets = datasets.Dataset | Sequence[Mapping[str, Any]] | Mapping[str, Any]
 
 
+def resolve_train_batch_size(train_batch_size: int | None, batch_size: int | None) -> int | None:
+    """``train_batch_size`` (training ids per forward), or the deprecated ``batch_size`` that meant the same."""
+    if batch_size is None:
+        return train_batch_size
+    if train_batch_size is not None:
+        raise ValueError(
+            f"Pass train_batch_size={train_batch_size} or the deprecated batch_size={batch_size}, not both."
+        )
+    warnings.warn(
+        "batch_size= (training ids per forward) is now train_batch_size=; batch_size will be removed.",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return batch_size
+
+
+def _scorer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Scorer options: ``train_batch_size`` (or the deprecated ``batch_size``) becomes the scorer's ids per forward."""
+    size = resolve_train_batch_size(kwargs.pop("train_batch_size", None), kwargs.pop("batch_size", None))
+    return {**kwargs, "batch_size": size} if size is not None else kwargs
+
+
 def _show_progress(progress: bool | None) -> bool:
     return logging.is_progress_bar_enabled() if progress is None else progress
 
@@ -53,7 +79,7 @@ def training_ids(
     """The ids to score: ``train_ids`` if given, else every id of ``train_dataset`` (checked by fingerprint)."""
     id_column = model.turnover_config.id_column
     if train_dataset is not None:
-        train_dataset = python_format(train_dataset)
+        train_dataset = check_dataset(train_dataset, "train_dataset")
         if id_column not in train_dataset.column_names:
             raise ValueError(
                 f"train_dataset has no {id_column!r} column: it must be the set the model trained on."
@@ -121,10 +147,11 @@ def estimate_influence(
     targets: Targets,
     *,
     variant: str = "own",
-    method: str = "exact",
+    method: str = "linear",
     reference: dict[str, torch.Tensor] | None = None,
     train_ids: Sequence[int] | torch.Tensor | None = None,
     top_k: int | None = None,
+    train_batch_size: int | None = None,
     batch_size: int | None = None,
     loss_fn: LossFn | None = None,
     forward_fn: Callable | None = None,
@@ -144,16 +171,17 @@ def estimate_influence(
         targets: a dataset, a list of rows or one row with the model's input columns; a label column
             (``labels``/``label``) if present, else the predicted label is explained; an id column if present,
             else the row index is the target id.
-        method: ``"exact"`` (own and flipped forward passes, the paper) or ``"linear"`` (first order in the mask
-            values: one forward and backward pass per target, then a product with the ids' mask bits; far faster
-            for many ids, see :mod:`hf_turnover.linear`) or ``"centered"`` (linear, with ``reference``, the mean
+        method: ``"linear"``, the default (first order in the mask values: one forward and backward pass per
+            target, then a product with the ids' mask bits; far faster for many ids, see
+            :mod:`hf_turnover.linear`), ``"exact"`` (own and flipped forward passes, the paper) or ``"centered"`` (linear, with ``reference``, the mean
             mask gradient of :func:`hf_turnover.linear.reference_gradient`, subtracted from each target's).
         reference: the reference gradient of ``method="centered"``.
         train_ids: score only these training ids.
         top_k: keep only the ``top_k`` most helpful and ``top_k`` most harmful instances per target.
-        batch_size: training ids per forward pass; ``None`` sizes chunks to the input and device (about 4k
-            rows x computed positions on the CPU: 32 ids for 64 tokens with every adapter masked, 2048 when
-            only the [CLS] position is computed past the first masked layer).
+        train_batch_size: training ids per forward pass of ``method="exact"``; ``None`` sizes chunks to the
+            input and device (about 4k rows x computed positions on the CPU: 32 ids for 64 tokens with every
+            adapter masked, 2048 when only the [CLS] position is computed past the first masked layer).
+        batch_size: the former name of ``train_batch_size`` (deprecated: a ``FutureWarning``).
         dtype: autocast dtype (e.g. ``torch.bfloat16``); ``None`` runs in the model's dtype.
         positions: positions the loss reads (``"auto"``: ``[0]`` for [CLS]-pooled classifiers); after the last
             attention only these are computed. ``None`` disables.
@@ -163,8 +191,8 @@ def estimate_influence(
         records the arguments that produced it (see :func:`hf_turnover.combine_scores`).
     """
     scorer = make_scorer(
-        model, method, reference, variant=variant, batch_size=batch_size, loss_fn=loss_fn, forward_fn=forward_fn,
-        dtype=dtype, positions=positions,
+        model, method, reference, variant=variant, batch_size=resolve_train_batch_size(train_batch_size, batch_size),
+        loss_fn=loss_fn, forward_fn=forward_fn, dtype=dtype, positions=positions,
     )  # fmt: skip
     ids = training_ids(model, train_dataset, train_ids, check_fingerprint)
     rows = _target_rows(targets)
@@ -243,8 +271,9 @@ def mean_influence(
 
     Memory is one running sum per training instance; the ``N x T`` matrix is never kept. Columns:
     ``train_id``, ``score``. Used for data cleansing: drop the instances with the most negative mean.
-    With ``method="linear"`` the mean of the linearized scores is the linearized score of the mean mask
-    gradient: one product with the mask bits for the whole set.
+    With ``method="linear"`` (the default) the mean of the linearized scores is the linearized score of the
+    mean mask gradient: one product with the mask bits for the whole set; ``method="exact"`` runs the paper's
+    forwards (``train_batch_size``: training ids per forward).
     """
     scorer, ids, rows, prep = mean_influence_setup(model, train_dataset, targets, kwargs)
     bar = tqdm(rows, desc="Mean influence", disable=not _show_progress(progress))
@@ -277,10 +306,11 @@ def self_influence(
     """``I(z_i, z_i)`` for every training instance (the paper's Figure 7): high values flag instances the
     model fits only through themselves (memorised, atypical or mislabelled). Columns: ``train_id``, ``score``.
 
-    ``train_dataset`` must hold the model inputs and labels (e.g. the tokenized training set). ``batch_size``
-    training rows go through each forward, under their own masks and then their flipped ones
-    (``method="linear"``: one forward and backward pass of the full network, first order in the masks); other
-    keyword arguments go to :class:`~hf_turnover.scorer.TurnoverScorer`.
+    ``train_dataset`` must hold the model inputs and labels (e.g. the tokenized training set). Here the
+    training rows are the inputs, so ``batch_size`` counts them, as in transformers: rows per forward.
+    ``method="linear"`` (the default, as everywhere): one forward and backward pass of the full network per
+    batch, first order in the masks; ``method="exact"``: each batch under its own masks and then its flipped
+    ones (the paper). Other keyword arguments go to :class:`~hf_turnover.scorer.TurnoverScorer`.
     """
     scorer, train_dataset, ids = self_influence_setup(model, train_dataset, kwargs)
     scores = torch.empty(len(ids))
@@ -311,7 +341,8 @@ def self_influence_setup(
     """The scorer (``kwargs``: ``method``, ``check_fingerprint`` and scorer options), the training set and its
     ids, for self-influence in one process or across several."""
     check = kwargs.pop("check_fingerprint", True)
-    scorer = make_scorer(model, kwargs.pop("method", "exact"), **kwargs)
+    train_dataset = check_dataset(train_dataset, "train_dataset")
+    scorer = make_scorer(model, kwargs.pop("method", "linear"), **_scorer_kwargs(kwargs))
     ids = training_ids(model, train_dataset, None, check)
     if label_column(train_dataset.column_names) is None:
         raise ValueError(
@@ -327,7 +358,7 @@ def mean_influence_setup(
     target rows and their preparation, for mean influence in one process or across several."""
     check = kwargs.pop("check_fingerprint", True)
     train_ids = kwargs.pop("train_ids", None)
-    scorer = make_scorer(model, kwargs.pop("method", "exact"), **kwargs)
+    scorer = make_scorer(model, kwargs.pop("method", "linear"), **_scorer_kwargs(kwargs))
     ids = training_ids(model, train_dataset, train_ids, check)
     rows = _target_rows(targets)
     return scorer, ids, rows, _TargetPrep(scorer, scorer.config.id_column)

@@ -136,6 +136,35 @@ def python_format(dataset: datasets.Dataset) -> datasets.Dataset:
     return dataset.with_format(None) if dataset.format["type"] is not None else dataset
 
 
+def check_dataset(dataset: Any, name: str) -> datasets.Dataset:
+    """``dataset`` read as Python values, or a ``TypeError`` naming what was passed instead and the fix."""
+    if isinstance(dataset, datasets.Dataset):
+        return python_format(dataset)
+    fix = "datasets.Dataset.from_list(rows)" if isinstance(dataset, (list, tuple)) else "datasets.Dataset"
+    if isinstance(dataset, dict):
+        fix = "datasets.Dataset.from_dict(columns)"
+    if isinstance(dataset, datasets.DatasetDict):
+        fix = f"one split of it, e.g. {name}=dataset[{next(iter(dataset), 'train')!r}]"
+    raise TypeError(f"{name} must be a datasets.Dataset (the training set, with its ids), got a "
+                    f"{type(dataset).__name__}: pass {fix}.")  # fmt: skip
+
+
+def check_target(target: Any, names: Sequence[str]) -> None:
+    """A ``TypeError``/``ValueError`` naming the bad target unless it is a mapping holding a model input."""
+    if isinstance(target, str):
+        raise TypeError(
+            f"The target is a text ({target!r:.60}), not a tokenized input: pass dict(tokenizer(text)), or "
+            "explain texts with pipeline('turnover-influence')."
+        )
+    if not isinstance(target, Mapping):
+        raise TypeError(
+            f"A target must be a dict of model inputs ({list(names)[:3]}...), got a {type(target).__name__}: "
+            "pass dict(tokenizer(text))."
+        )
+    if not any(n in target for n in names):
+        raise ValueError(f"A target has none of the model's inputs {list(names)}; it has {list(target)}.")
+
+
 def integer_column(dataset: datasets.Dataset, name: str) -> torch.Tensor | list:
     """An integer column as an int64 tensor, read through Arrow (no Python objects per row); any other column
     as the Python list, for the caller's own checks and messages."""

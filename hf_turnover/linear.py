@@ -206,8 +206,15 @@ class LinearScorer(TurnoverScorer):
             scores += a * g.float().sum(1) + c * table.dot(name, g)
         return scores.T.contiguous()
 
-    def score(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Linearized ``I(target, z_i)`` for every id (float32, on the CPU); ``inputs`` is one target row."""
+    def score(
+        self,
+        inputs: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        ids: torch.Tensor,
+        progress: bool | None = False,
+    ) -> torch.Tensor:
+        """Linearized ``I(target, z_i)`` for every id (float32, on the CPU); ``inputs`` is one target row.
+        ``progress`` is accepted for the exact scorer's interface: one pass and one product show no bar."""
         scores = self.scores_from_gradients(self.mask_gradients(inputs, labels), ids)[0].cpu()
         self._warn_if_unmasked(scores)
         return scores
@@ -238,12 +245,13 @@ class LinearScorer(TurnoverScorer):
 
 def make_scorer(
     model: nn.Module,
-    method: str = "exact",
+    method: str = "linear",
     reference: dict[str, torch.Tensor] | None = None,
     **kwargs: Any,
 ) -> TurnoverScorer:
-    """A :class:`TurnoverScorer` (``method="exact"``) or :class:`LinearScorer` (``"linear"``; ``"centered"``
-    with the ``reference`` gradient of :func:`reference_gradient`) of ``model``."""
+    """A :class:`LinearScorer` (``method="linear"``, the default everywhere; ``"centered"`` with the ``reference``
+    gradient of :func:`reference_gradient`) or :class:`TurnoverScorer` (``"exact"``) of ``model``. ``kwargs`` go
+    to the scorer (``batch_size``: training ids per forward of the exact one)."""
     method = check_method(method)
     if method == "centered":
         if reference is None:

@@ -17,6 +17,7 @@ without hf_turnover. Flat: installed packages and sibling modules only.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,22 +36,34 @@ from .distributed import shardable  # noqa: F401
 from .explain import REFERENCE_FILE, explain_prediction, explain_predictions, training_reference
 from .fingerprint import check_fingerprint, recorded_fingerprint, training_fingerprint
 from .influence import estimate_influence  # noqa: F401
-from .inputs import per_row_loss  # noqa: F401
+from .inputs import check_dataset, per_row_loss  # noqa: F401
 from .layer import TurnoverHook  # noqa: F401
 from .linear import check_method, make_scorer
 from .lora import LoRARankHook  # noqa: F401
 from .masks import keep_bits  # noqa: F401
 from .model import add_turnover  # noqa: F401
 from .modeling_turnover import copy_code_files, resolve_base_model
+from .pipeline_inputs import (
+    checked_max_length,
+    checked_texts,
+    model_token_limit,
+    positive_int,
+    query_fields,
+    texts_of,
+    truncation_flag,
+)
+from .query_checks import content_ids, seen_tokens, token_warnings, unknown_share, unseen_share
 from .results import scores_dataset  # noqa: F401
 from .reuse import tail_entry  # noqa: F401
 from .scorer import TurnoverScorer
-from .training_set import INFO_FILE, load_training_set, save_training_set
+from .training_set import INFO_FILE, TEXT_COLUMNS, load_training_set, save_training_set
 
 logger = logging.get_logger(__name__)
 
 TASK = "turnover-influence"
 DEFAULT_METHOD = "linear"  # method="centered" / "exact" (the paper) are a call argument away
+DEFAULT_TOP_K = 5  # instances per side
+DEFAULT_TEXT_BATCH = 16  # texts per forward and backward pass of the linear methods
 CUSTOM_PIPELINE = {
     "impl": "pipeline_turnover.InfluencePipeline",
     "pt": ("AutoModelForSequenceClassification",),
@@ -63,22 +76,40 @@ class InfluencePipeline(Pipeline):
     """Explains predictions of a turn-over text classifier by its most helpful and most harmful training
     instances.
 
-    Call with a text or a list of texts. Options (at construction or per call): ``top_k`` (instances per
-    side, default 5), ``restrict_to_label`` (``True``: only training instances carrying the predicted label,
-    i.e. for a wrong prediction the paper's "influential instances with the error label"; or a label id or
-    name), ``batch_size`` (training instances per forward pass; default: sized to the input and device),
-    ``max_length`` (tokens; longer texts are truncated and the output says ``"truncated": True``),
-    ``method``: ``"linear"``, the default: first order in the masks, one forward and backward pass per text and a
-    product with the training set's cached mask bits, a few milliseconds against thousands of instances;
-    ``"centered"``: linear with the training set's typical gradient taken out of each text's (see
-    :mod:`hf_turnover.linear`; the reference gradient travels with a saved pipeline), which keeps instances whose
-    masks happen to help every prediction off the lists; ``"exact"``: own and flipped forward passes for every
-    instance, the paper's estimate, about 2N forwards of the masked layers per text.
+    Call with a text (returns a dict), a list of texts (a list), or a generator, ``KeyDataset`` or
+    ``datasets.Dataset`` (its ``text``/``sentence`` column; returns an iterator that explains ``batch_size`` texts
+    at a time as it is read). Options, at construction or per call, as in transformers' pipelines:
+
+    - ``top_k``: instances per side (default 5; clipped to what exists); ``top_k=None`` lists every instance
+      with a positive score in ``helpful`` and every one with a negative score in ``harmful`` (as ``top_k=None``
+      means every label in transformers' text classification);
+    - ``batch_size``: texts per batch (the linear methods share one forward and backward pass per batch; default
+      16; ``"exact"`` explains one text at a time); ``train_batch_size``: training instances per forward of
+      ``"exact"`` (default: sized to the input and device);
+    - ``max_length`` (default 128 or the model's limit if lower; above the model's limit is refused) and
+      ``truncation`` (default ``True``: longer texts are cut and flagged ``"truncated": True``; ``False``:
+      longer texts are refused);
+    - ``restrict_to_label``: ``True`` keeps only training instances carrying the predicted label (for a wrong
+      prediction, the paper's "influential instances with the error label"), or a label id or name;
+    - ``method``: ``"linear"``, the default everywhere in hf_turnover: first order in the masks, one forward and
+      backward pass per text and a product with the training set's cached mask bits, a few milliseconds against
+      thousands of instances; ``"centered"``: linear with the training set's typical gradient taken out of each
+      text's (see :mod:`hf_turnover.linear`; the reference gradient travels with a saved pipeline), which keeps
+      instances whose masks happen to help every prediction off the lists; ``"exact"``: own and flipped forward
+      passes for every instance, the paper's estimate, about 2N forwards of the masked layers per text (a progress
+      bar shows on long runs; ``transformers.utils.logging.disable_progress_bar()`` hides it).
+
     Construction takes ``train_dataset`` when no training set travels with the model.
 
-    Each output: ``{"prediction": {"label", "score"}, "helpful": [...], "harmful": [...], "truncated",
-    "restricted_to_label"}``, each instance ``{"id", "text", "label", "score"}``. Empty strings and
-    non-text inputs raise ``ValueError`` / ``TypeError`` naming the input; an empty list gives ``[]``.
+    Each output has the schema of :func:`~hf_turnover.explain.explain_prediction`: ``{"prediction": {"label",
+    "score"}, "helpful": [...], "harmful": [...], "restricted_to_label", "warnings"}`` with each instance
+    ``{"train_id", "text", "label", "score", "percentile"}``: ``score`` is the raw influence (> 0 in ``helpful``,
+    < 0 in ``harmful``, never in both; its scale varies from query to query), ``percentile`` its rank among all
+    scored instances of this query (100 = highest), comparable across queries. The pipeline adds
+    ``"truncated"``, ``"unknown_token_share"`` and ``"unseen_token_share"`` (the shares of the text's tokens that
+    the tokenizer does not know, and that no training text holds; above one half the output carries a warning,
+    see :mod:`hf_turnover.query_checks`). Empty strings and non-text inputs raise ``ValueError`` / ``TypeError``
+    naming the input; an empty list gives ``[]``.
     """
 
     _load_tokenizer = None  # optional: adapter-only checkpoints take the tokenizer of their backbone
@@ -88,15 +119,15 @@ class InfluencePipeline(Pipeline):
 
     def __init__(self, *args: Any, train_dataset: datasets.Dataset | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # None: chunks sized to the input and device (see TurnoverScorer)
-        self.scoring_batch_size = _positive_int("batch_size", self._batch_size) if self._batch_size else None
-        self._batch_size = None  # inputs are explained one by one; batch_size means training instances
+        self._batch_size = positive_int("batch_size", self._batch_size) if self._batch_size else None
         self._scorers: dict[tuple[str, int | None], TurnoverScorer] = {}
         self._reference: dict[str, torch.Tensor] | None = None
+        self._seen_tokens: torch.Tensor | None | bool = False  # False: not read yet
         if self.tokenizer is None:
             self.tokenizer = _backbone_tokenizer(self.model)
         recorded = recorded_fingerprint(self.model)
         if train_dataset is not None:
+            train_dataset = check_dataset(train_dataset, "train_dataset")
             check_fingerprint(recorded, train_dataset, "train_dataset")
             self.train_dataset = train_dataset
         elif not self.model.name_or_path:
@@ -113,69 +144,82 @@ class InfluencePipeline(Pipeline):
 
     def _sanitize_parameters(
         self,
-        top_k=None,
+        top_k: Any = "",  # "" = not given (None means every instance), as in transformers' text classification
         restrict_to_label=None,
-        scoring_batch_size=None,
+        train_batch_size=None,
         max_length=None,
+        truncation=None,
         method=None,
         **kwargs,
     ) -> tuple[dict, dict, dict]:
         if kwargs:
             raise TypeError(
-                f"Unknown option(s) {sorted(kwargs)}; use top_k, restrict_to_label, batch_size, max_length, method."
+                f"Unknown option(s) {sorted(kwargs)}; use top_k, restrict_to_label, batch_size, train_batch_size, "
+                "max_length, truncation, method."
             )
-        preprocess = {"max_length": _positive_int("max_length", max_length)} if max_length is not None else {}
+        preprocess = {}
+        if max_length is not None:
+            preprocess["max_length"] = positive_int("max_length", max_length)
+        if truncation is not None:
+            preprocess["truncation"] = truncation_flag(truncation)
         forward = {}
-        if top_k is not None:
-            forward["top_k"] = _positive_int("top_k", top_k)
+        if top_k != "":
+            forward["top_k"] = None if top_k is None else positive_int("top_k", top_k)
         if restrict_to_label is not None:
             forward["restrict_to_label"] = self._label_id(restrict_to_label)
-        if scoring_batch_size is not None:
-            forward["batch_size"] = _positive_int("batch_size", scoring_batch_size)
+        if train_batch_size is not None:
+            forward["train_batch_size"] = positive_int("train_batch_size", train_batch_size)
         if method is not None:
             forward["method"] = check_method(method)
         return preprocess, forward, {}
 
-    def __call__(self, inputs: str | list[str], **kwargs: Any) -> dict | list[dict]:
-        """Explain one text (returns a dict) or each text of a list (returns a list of dicts)."""
-        texts = [inputs] if isinstance(inputs, str) else inputs
-        if not isinstance(texts, (list, tuple)):
-            raise TypeError(
-                f"InfluencePipeline takes a text or a list of texts, got {type(inputs).__name__}: {inputs!r:.80}."
-            )
-        for index, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"Input {index} is a {type(text).__name__} ({text!r:.80}), not a text.")
-            if not text.strip():
-                raise ValueError(f"Input {index} is an empty string: there is no prediction to explain.")
-        # Pipeline.__call__ would batch the inputs with batch_size; here it counts training instances.
-        if "batch_size" in kwargs:
-            kwargs["scoring_batch_size"] = kwargs.pop("batch_size")
+    def __call__(self, inputs: Any, **kwargs: Any) -> dict | list[dict] | Iterator[dict]:
+        """Explain one text (a dict), each text of a list (a list of dicts), or each text of a generator,
+        ``KeyDataset`` or ``datasets.Dataset`` (an iterator of dicts, ``batch_size`` texts explained at a time)."""
+        batch_size = kwargs.pop("batch_size", None)
+        batch_size = positive_int("batch_size", batch_size) if batch_size is not None else self._batch_size
         preprocess, forward, _ = self._sanitize_parameters(**kwargs)
-        forward = {**self._forward_params, **forward}
-        if forward.get("method", DEFAULT_METHOD) != "exact" and len(texts) > 1:
-            return self._explain_linear_batch(list(texts), {**self._preprocess_params, **preprocess}, forward)
-        outputs = super().__call__(list(texts), batch_size=1, **kwargs)
-        return outputs[0] if isinstance(inputs, str) else outputs
+        options = ({**self._preprocess_params, **preprocess}, {**self._forward_params, **forward})
+        if isinstance(inputs, str):
+            return self._explain_texts(checked_texts([inputs]), *options, batch_size)[0]
+        if isinstance(inputs, (list, tuple)):
+            return self._explain_texts(checked_texts(list(inputs)), *options, batch_size)
+        return self._stream(texts_of(inputs), options, batch_size or DEFAULT_TEXT_BATCH)
 
-    def _explain_linear_batch(self, texts: list[str], preprocess: dict, forward: dict) -> list[dict]:
-        """A list of texts with ``method="linear"`` or ``"centered"``: padded batches share one forward and
-        backward pass and one product with the mask table (see :func:`~hf_turnover.explain.explain_predictions`)."""
-        method = forward.get("method", DEFAULT_METHOD)
+    def _stream(self, texts: Iterable[Any], options: tuple[dict, dict], batch_size: int) -> Iterator[dict]:
+        """Explanations of the texts of an iterable, read and explained ``batch_size`` at a time."""
+        chunk: list[Any] = []
+        offset = 0
+        for text in texts:
+            chunk.append(text)
+            if len(chunk) == batch_size:
+                yield from self._explain_texts(checked_texts(chunk, offset), *options, batch_size)
+                offset, chunk = offset + len(chunk), []
+        if chunk:
+            yield from self._explain_texts(checked_texts(chunk, offset), *options, batch_size)
+
+    def _explain_texts(
+        self, texts: list[str], preprocess: dict, forward: dict, batch_size: int | None
+    ) -> list[dict]:
+        """Texts with ``method="linear"`` or ``"centered"``: padded batches of ``batch_size`` share one forward
+        and backward pass and one product with the mask table (see
+        :func:`~hf_turnover.explain.explain_predictions`); ``"exact"``: one text at a time."""
         prepared = [self.preprocess(text, **preprocess) for text in texts]
+        if forward.get("method", DEFAULT_METHOD) == "exact":
+            return [self.postprocess(self._forward(p, **forward)) for p in prepared]
+        method = forward.get("method", DEFAULT_METHOD)
         targets = [{k: v[0].tolist() for k, v in p["inputs"].items()} for p in prepared]
-        restrict = forward.get("restrict_to_label")
         explanations = explain_predictions(
-            self.model, self.train_dataset, targets, top_k=forward.get("top_k", 5), restrict_to_label=restrict,
-            check_fingerprint=False, scorer=self._scorer(method, forward.get("batch_size") or self.scoring_batch_size),
+            self.model, self.train_dataset, targets, batch_size=batch_size or DEFAULT_TEXT_BATCH,
+            top_k=forward.get("top_k", DEFAULT_TOP_K), restrict_to_label=forward.get("restrict_to_label"),
+            check_fingerprint=False, scorer=self._scorer(method, None),
         )  # fmt: skip
         return [
-            self.postprocess({**e, "truncated": p["truncated"], "restricted": restrict})
-            for e, p in zip(explanations, prepared, strict=True)
+            self.postprocess({**e, **query_fields(p)}) for e, p in zip(explanations, prepared, strict=True)
         ]
 
-    def preprocess(self, text: str, max_length: int | None = None) -> dict[str, Any]:
-        limit = max_length or _max_length(self.model, self.tokenizer)
+    def preprocess(self, text: str, max_length: int | None = None, truncation: bool = True) -> dict[str, Any]:
+        limit = checked_max_length(self.model, self.tokenizer, max_length)
         # One tokenization: the part past ``limit`` comes back as overflow (fast tokenizers: extra rows).
         encoded = self.tokenizer(
             text, truncation=True, max_length=limit, return_overflowing_tokens=True, verbose=False
@@ -188,18 +232,44 @@ class InfluencePipeline(Pipeline):
             encoded = {
                 k: v for k, v in encoded.items() if k not in ("overflowing_tokens", "num_truncated_tokens")
             }
+        warnings = []
         if truncated:
-            logger.warning(
+            if not truncation:
+                raise ValueError(
+                    f"The input {text!r:.60} is longer than max_length={limit} tokens and truncation=False: "
+                    f"shorten it, pass truncation=True (explains its first {limit} tokens), or a larger "
+                    f"max_length (this model reads at most {model_token_limit(self.model, self.tokenizer)})."
+                )
+            warnings.append(
                 f"Input longer than {limit} tokens truncated to {limit}: only its beginning is explained."
             )
-        return {"inputs": {k: torch.tensor([v]) for k, v in encoded.items()}, "truncated": truncated}
+        ids = content_ids(encoded["input_ids"], self.tokenizer)
+        unknown, unseen = unknown_share(ids, self.tokenizer), unseen_share(ids, self._training_tokens(limit))
+        warnings += token_warnings(unknown, unseen)
+        for warning in warnings:
+            logger.warning(warning)
+        return {
+            "inputs": {k: torch.tensor([v]) for k, v in encoded.items()},
+            "truncated": truncated,
+            "unknown_token_share": unknown,
+            "unseen_token_share": unseen,
+            "warnings": warnings,
+        }
+
+    def _training_tokens(self, max_length: int) -> torch.Tensor | None:
+        """Which token ids the training texts hold (read once; ``None`` without a text column)."""
+        if self._seen_tokens is False:
+            column = next((c for c in TEXT_COLUMNS if c in self.train_dataset.column_names), None)
+            texts = self.train_dataset[column] if column else None
+            self._seen_tokens = seen_tokens(self.tokenizer, list(texts), max_length) if column else None
+        return self._seen_tokens
 
     def _forward(
         self,
         model_inputs: dict[str, Any],
-        top_k: int = 5,
+        top_k: int | None = DEFAULT_TOP_K,
         restrict_to_label=None,
-        batch_size=None,
+        train_batch_size=None,
         method=DEFAULT_METHOD,
     ):
         target = {name: tensor[0].tolist() for name, tensor in model_inputs["inputs"].items()}
@@ -210,10 +280,10 @@ class InfluencePipeline(Pipeline):
             top_k=top_k,
             restrict_to_label=restrict_to_label,
             check_fingerprint=False,  # checked once, when the training set was attached
-            progress=False,
-            scorer=self._scorer(method, batch_size or self.scoring_batch_size),
+            progress=None,  # a bar on long exact runs
+            scorer=self._scorer(method, train_batch_size),
         )
-        return {**explanation, "truncated": model_inputs["truncated"], "restricted": restrict_to_label}
+        return {**explanation, **query_fields(model_inputs)}
 
     def _scorer(self, method: str, batch_size: int | None) -> TurnoverScorer:
         """One scorer per (method, batch size), kept across calls: the model is probed once and the linear
@@ -236,7 +306,7 @@ class InfluencePipeline(Pipeline):
                 self.model,
                 self.tokenizer,
                 self.train_dataset,
-                max_length=_max_length(self.model, self.tokenizer),
+                max_length=model_token_limit(self.model, self.tokenizer),
             )
         return self._reference
 
@@ -248,30 +318,11 @@ class InfluencePipeline(Pipeline):
         self._scorers = {k: v for k, v in self._scorers.items() if k[0] != "centered"}
 
     def postprocess(self, outputs: dict[str, Any]) -> dict[str, Any]:
-        name = self._label_name
-        prediction = outputs["prediction"]
-        restricted = outputs["restricted"]
-        if restricted is True:
-            restricted = prediction["label"]
-
-        def instance(item: dict[str, Any]) -> dict[str, Any]:
-            return {
-                "id": item["train_id"],
-                "text": item["text"],
-                "label": name(item["label"]),
-                "score": item["score"],
-            }
-
-        return {
-            "prediction": {"label": name(prediction["label"]), "score": prediction["score"]},
-            "helpful": [instance(item) for item in outputs["helpful"]],
-            "harmful": [instance(item) for item in outputs["harmful"]],
-            "truncated": outputs["truncated"],
-            "restricted_to_label": None if restricted is None else name(restricted),
-        }
-
-    def _label_name(self, label: Any) -> Any:
-        return self.model.config.id2label.get(int(label), label) if label is not None else None
+        """The library explanation (labels are already names) with the text's own fields; no ``true_label``
+        (a text carries none)."""
+        out = {k: v for k, v in outputs.items() if k not in ("true_label", "query_warnings")}
+        out["warnings"] = [*outputs["query_warnings"], *outputs["warnings"]]
+        return out
 
     def _label_id(self, label: bool | int | str) -> bool | int:
         if label is True or (isinstance(label, int) and not isinstance(label, bool)):
@@ -344,20 +395,6 @@ def _hub_kwargs(model: Any) -> dict[str, Any]:
         "revision": getattr(model.config, "_commit_hash", None),
         "token": getattr(model, "turnover_hub_token", None),
     }
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
-    return value
-
-
-def _max_length(model: Any, tokenizer: Any) -> int:
-    limit = getattr(model.config, "max_position_embeddings", None) or 512
-    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
-    if tokenizer_limit and tokenizer_limit < 1_000_000:  # "no limit" is a huge sentinel value
-        limit = min(limit, tokenizer_limit)
-    return limit
 
 
 def _backbone_tokenizer(model: Any) -> Any:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .context import turnover_context
@@ -27,6 +28,13 @@ VARIANTS = ("own", "full")
 # Rows x computed positions per forward when ``batch_size=None``. On the CPU about 4k keeps a tiny BERT's
 # activations in cache (larger chunks ran 1.4-1.7x slower in benchmarks/speed.py); a GPU wants larger ones.
 ROW_POSITIONS_PER_FORWARD = {"cpu": 4096, "cuda": 131072}
+PROGRESS_CHUNKS = 8  # chunks of ids from which an exact score shows a progress bar by default
+
+
+def _show_progress(progress: bool | None, chunks: int) -> bool:
+    if progress is None:
+        return chunks >= PROGRESS_CHUNKS and logging.is_progress_bar_enabled()
+    return progress
 
 
 class TurnoverScorer:
@@ -112,8 +120,18 @@ class TurnoverScorer:
         return loss.view(2, len(ids)) if paired else loss
 
     @torch.inference_mode()
-    def score(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """``I(target, z_i)`` for every id in ``ids`` (float32, on the CPU); ``inputs`` is one target row."""
+    def score(
+        self,
+        inputs: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        ids: torch.Tensor,
+        progress: bool | None = False,
+    ) -> torch.Tensor:
+        """``I(target, z_i)`` for every id in ``ids`` (float32, on the CPU); ``inputs`` is one target row.
+
+        ``progress``: a tqdm bar over the chunks of ids; ``None`` shows one when there are at least
+        ``PROGRESS_CHUNKS`` chunks and transformers' progress bars are enabled
+        (``transformers.utils.logging.disable_progress_bar()`` turns them off)."""
         self.model.eval()
         ids = ids.to(self.device)  # once: a host id tensor would be copied to the device in every layer
         scores = torch.empty(len(ids), dtype=torch.float32, device=self.device)
@@ -126,15 +144,20 @@ class TurnoverScorer:
             prefix = None
             if self.reuse_prefix and self._broadcasts(inputs) and len(ids) > step:
                 prefix = PrefixCache(self.model, list(turnover_layers(self.model)))
-            for start in range(0, len(ids), step):
+            starts = range(0, len(ids), step)
+            bar = tqdm(total=len(ids), desc="Scoring training instances", unit="id",
+                       disable=not _show_progress(progress, len(starts)))  # fmt: skip
+            for start in starts:
                 chunk = ids[start : start + step]
                 if prefix is None:
                     scores[start : start + len(chunk)] = self._chunk(inputs, labels, chunk, base)
-                    continue
-                with prefix.replay() if start else prefix.record():
-                    scores[start : start + len(chunk)] = self._chunk(inputs, labels, chunk, base)
-                if not start and not self._prefix_checked:
-                    prefix = self._check_prefix(prefix, inputs, labels, chunk, base, scores[: len(chunk)])
+                else:
+                    with prefix.replay() if start else prefix.record():
+                        scores[start : start + len(chunk)] = self._chunk(inputs, labels, chunk, base)
+                    if not start and not self._prefix_checked:
+                        prefix = self._check_prefix(prefix, inputs, labels, chunk, base, scores[: len(chunk)])
+                bar.update(len(chunk))
+            bar.close()
         self._warn_if_unmasked(scores)
         return scores.cpu()
 

@@ -67,7 +67,8 @@ class ScoringRun:
 
     ``train_dataset`` holds the id column (and, for self-influence, the model inputs and labels); ``targets``
     are rows with model inputs (and a label, else the predicted label is explained). ``scorer_kwargs`` go to
-    :func:`hf_turnover.linear.make_scorer` (``method``, ``variant``, ``batch_size``, ``dtype``...).
+    :func:`hf_turnover.linear.make_scorer` (``method``, default ``"linear"`` as everywhere; ``variant``,
+    ``train_batch_size``: training ids per forward of ``"exact"``; ``dtype``...).
     """
 
     def __init__(
@@ -93,7 +94,9 @@ class ScoringRun:
         self.output_dir, self.model, self.kind, self.top_k = Path(output_dir), model, kind, top_k
         self.train = python_format(train_dataset)
         self.rows = single._target_rows(targets) if targets is not None else []
-        self.scorer = make_scorer(model, scorer_kwargs.pop("method", "exact"), **scorer_kwargs)
+        self.scorer = make_scorer(
+            model, scorer_kwargs.pop("method", "linear"), **single._scorer_kwargs(scorer_kwargs)
+        )
         self.ids = single.training_ids(model, self.train, None, check=True)
         self.self_batch_size = self_batch_size
         if kind == "self_influence":

@@ -179,15 +179,12 @@ def misclassified_report(
             model, train, target, top_k=top_k, restrict_to_label=True, progress=False, scorer=scorer,
             check_fingerprint=rank == 1,  # the same training set every time: hash it once
         )  # fmt: skip
-        label = names[why["prediction"]["label"]]
+        label = why["prediction"]["label"]  # a label name, as in the pipeline
         lines.append(f"## {rank}. {validation[index][text_column]}\n")
         lines.append(
             f"Gold: **{names[int(gold[index])]}**, predicted: **{label}** (p = {why['prediction']['score']:.3f}).\n"
         )
-        rows = [
-            [f"{h['score']:+.4f}", names[h["label"]], f"{h['text']} ({h['train_id']})"]
-            for h in why["helpful"]
-        ]
+        rows = [[f"{h['score']:+.4f}", h["label"], f"{h['text']} ({h['train_id']})"] for h in why["helpful"]]
         lines.append(markdown_table(["influence", "label", "training sentence (id)"], rows, right=(0,)))
         tops.append(why["helpful"][0]["train_id"] if why["helpful"] else None)
     lines.insert(

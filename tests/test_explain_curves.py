@@ -30,30 +30,35 @@ def trained(tmp_path_factory):
 
 def test_explanation_ranks_by_influence_on_the_predicted_label(trained):
     model, train, _ = trained
+    names = model.config.id2label
     target = {k: v for k, v in make_token_dataset(1, seed=9)[0].items() if k != "instance_id"}
-    out = explain_prediction(model, train, target, top_k=3)
+    out = explain_prediction(model, train, target, top_k=3, method="exact")
     with torch.no_grad():
         predicted = model(input_ids=torch.tensor([target["input_ids"]])).logits.argmax(-1).item()
-    assert out["prediction"]["label"] == predicted == out["label_used"]
-    assert 0.5 <= out["prediction"]["score"] <= 1 and out["true_label"] == target["labels"]
-    # The same ranking estimate_influence gives for the predicted label.
-    full = estimate_influence(model, train, [{**target, "labels": predicted}], progress=False)
-    assert [h["train_id"] for h in out["helpful"]] == full["train_id"][:3]
-    assert [h["train_id"] for h in out["harmful"]] == full["train_id"][::-1][:3]
-    first = out["helpful"][0]
-    assert (
-        first["text"] == train[first["row"]]["sentence"] and first["label"] == train[first["row"]]["labels"]
-    )
-    assert out["helpful"][0]["score"] >= out["helpful"][-1]["score"] >= out["harmful"][-1]["score"]
+    assert out["prediction"]["label"] == names[predicted]  # label names, as the pipeline gives them
+    assert 0.5 <= out["prediction"]["score"] <= 1 and out["true_label"] == names[target["labels"]]
+    # The same ranking estimate_influence gives for the predicted label: positives helped, negatives hurt.
+    full = estimate_influence(model, train, [{**target, "labels": predicted}], method="exact", progress=False)
+    ranked = list(zip(full["train_id"], full["score"], strict=True))
+    assert [h["train_id"] for h in out["helpful"]] == [i for i, s in ranked if s > 0][:3]
+    assert [h["train_id"] for h in out["harmful"]] == [i for i, s in ranked[::-1] if s < 0][:3]
+    by_id = {row["instance_id"]: row for row in train}
+    for item in out["helpful"] + out["harmful"]:
+        assert set(item) == {"train_id", "text", "label", "score", "percentile"}
+        row = by_id[item["train_id"]]
+        assert item["text"] == row["sentence"] and item["label"] == names[row["labels"]]
+    assert out["helpful"][0]["percentile"] == 100.0 and out["harmful"][0]["percentile"] == 0.0
+    assert out["helpful"][0]["score"] >= out["helpful"][-1]["score"] > 0 > out["harmful"][-1]["score"]
 
 
 def test_explanation_restricted_to_the_error_label(trained):
     model, train, _ = trained
     target = {k: v for k, v in make_token_dataset(1, seed=9)[0].items() if k != "instance_id"}
-    out = explain_prediction(model, train, target, top_k=20, restrict_to_label=True)
+    out = explain_prediction(model, train, target, top_k=None, restrict_to_label=True)
     labels = {h["label"] for h in out["helpful"] + out["harmful"]}
-    assert labels == {out["prediction"]["label"]}
-    assert len(out["helpful"]) == sum(y == out["prediction"]["label"] for y in train["labels"])
+    assert labels == {out["prediction"]["label"]} == {out["restricted_to_label"]}
+    carrying = sum(model.config.id2label[y] == out["prediction"]["label"] for y in train["labels"])
+    assert len(out["helpful"]) + len(out["harmful"]) == carrying  # top_k=None: every nonzero score
     with pytest.raises(ValueError, match="No training instance carries label 7"):
         explain_prediction(model, train, target, restrict_to_label=7)
 
@@ -66,9 +71,11 @@ def test_one_scorer_serves_many_explanations(trained):
     for seed in (9, 10, 11):
         target = {k: v for k, v in make_token_dataset(1, seed=seed)[0].items() if k != "instance_id"}
         shared = explain_prediction(model, train, target, top_k=3, scorer=scorer)
-        assert shared == explain_prediction(model, train, target, top_k=3, batch_size=4)
+        assert shared == explain_prediction(model, train, target, top_k=3, method="exact", train_batch_size=4)
     with pytest.raises(ValueError, match="either scorer="):
-        explain_prediction(model, train, target, scorer=scorer, batch_size=8)
+        explain_prediction(model, train, target, scorer=scorer, train_batch_size=8)
+    with pytest.raises(TypeError, match="train_batch_size="):  # batch_size counts inputs, never training ids
+        explain_prediction(model, train, target, method="exact", batch_size=8)
 
 
 def test_learning_curves_are_logged_and_plotted(trained, tmp_path):
@@ -89,7 +96,7 @@ def test_learning_curves_are_logged_and_plotted(trained, tmp_path):
 
 def test_self_influence_histogram(trained, tmp_path):
     model, train, _ = trained
-    scores = self_influence(model, train, progress=False)
+    scores = self_influence(model, train, method="exact", progress=False)
     png = plot_self_influence(scores, tmp_path / "hist.png")
     assert png.stat().st_size > 1000 and png.read_bytes().startswith(b"\x89PNG")
     svg = plot_self_influence(scores, tmp_path / "hist.svg")  # the format follows the file name

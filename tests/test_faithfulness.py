@@ -128,7 +128,7 @@ def test_ensemble_is_the_mean_of_its_models():
     targets = datasets.Dataset.from_dict(
         {"features": torch.randn(2, 6, generator=g).numpy(), "labels": [0, 2]}
     )
-    kwargs = dict(train_ids=list(range(5)), check_fingerprint=False, progress=False)
+    kwargs = dict(train_ids=list(range(5)), method="exact", check_fingerprint=False, progress=False)
     models = _tiny_models([1, 2, 3])
     single = [score_matrix(estimate_influence(m, None, targets, **kwargs))[0] for m in models]
     averaged = ensemble_influence(models, None, targets, **kwargs)

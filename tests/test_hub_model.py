@@ -34,7 +34,7 @@ with torch.no_grad():
         with turnover_context(ids, mode):
             out[mode] = model(**batch).logits
 train = datasets.Dataset.from_parquet(sys.argv[1] + "/training_set.parquet")
-scores = estimate_influence(train, [dict(json.loads(sys.argv[4]))], progress=False)
+scores = estimate_influence(train, [dict(json.loads(sys.argv[4]))], method="exact", progress=False)
 out["scores"] = torch.tensor(scores["score"])
 out["train_ids"] = torch.tensor(scores["train_id"])
 linear = estimate_influence(train, [dict(json.loads(sys.argv[4]))], method="linear", progress=False)
@@ -164,7 +164,9 @@ def test_fresh_process_without_hf_turnover_gives_identical_masks_and_scores(save
             with turnover_context(IDS, mode):
                 assert torch.equal(model(**batch).logits, fresh[mode]), mode
     assert not torch.equal(fresh["own"], fresh["flip"])  # the masks are active
-    local = estimate_influence(model, load_training_set(tmp / "model", None), [target], progress=False)
+    local = estimate_influence(
+        model, load_training_set(tmp / "model", None), [target], method="exact", progress=False
+    )
     assert torch.equal(torch.tensor(local["train_id"]), fresh["train_ids"])
     assert torch.equal(torch.tensor(local["score"]), fresh["scores"])
     assert fresh["scores"].abs().max() > 0
@@ -191,7 +193,7 @@ def test_wide_adapter_model_round_trips_with_remote_code(saved_wide):
             with turnover_context(IDS, mode):
                 assert torch.equal(model(**batch).logits, fresh[mode]), mode
     train_set = load_training_set(tmp / "model", None)
-    exact = estimate_influence(model, train_set, [target], progress=False)
+    exact = estimate_influence(model, train_set, [target], method="exact", progress=False)
     assert torch.equal(torch.tensor(exact["score"]), fresh["scores"])
     linear = estimate_influence(model, train_set, [target], method="linear", progress=False)
     # backward reductions are split by thread count: equal to float rounding, not always bit for bit
@@ -213,7 +215,9 @@ def test_remote_code_model_scored_with_installed_hf_turnover(saved):
         for mode in ("own", "flip"):
             with turnover_context(IDS, mode):
                 assert torch.equal(model(**batch).logits, mixed[mode]), mode
-    local = estimate_influence(model, load_training_set(tmp / "model", None), [target], progress=False)
+    local = estimate_influence(
+        model, load_training_set(tmp / "model", None), [target], method="exact", progress=False
+    )
     assert torch.equal(torch.tensor(local["score"]), mixed["scores"])
     assert mixed["scores"].abs().max() > 0
 

@@ -55,7 +55,7 @@ out["from_model_repo"] = pipeline(model=model_repo, trust_remote_code=True)(text
 out["from_pipe_repo"] = pipeline(model=pipe_repo, trust_remote_code=True)(texts, top_k=3, restrict_to_label=True, method="exact")
 model = AutoModelForSequenceClassification.from_pretrained(model_repo, trust_remote_code=True)
 train = datasets.Dataset.from_parquet(hf_hub_download(model_repo, "training_set.parquet"))
-scores = model.estimate_influence(train, [target], progress=False)
+scores = model.estimate_influence(train, [target], method="exact", progress=False)
 out["scores"] = dict(zip(map(str, scores["train_id"]), scores["score"]))
 pushed = datasets.Dataset.from_parquet(hf_hub_download(scores_repo, "influence.parquet", repo_type="dataset"))
 out["pushed_scores"] = dict(zip(map(str, pushed["train_id"]), pushed["score"]))
@@ -87,7 +87,7 @@ def local(tmp_path_factory):
     model, tokenizer, train = make_saved(tmp)
     pipe = InfluencePipeline(model=model, tokenizer=tokenizer, train_dataset=train)
     target = {**dict(tokenizer(TEXTS[1])), "label": 1}
-    scores = estimate_influence(model, train, [target], progress=False)
+    scores = estimate_influence(model, train, [target], method="exact", progress=False)
     save_scores(scores, tmp / "scores.parquet")
     return pipe, target, scores, tmp
 

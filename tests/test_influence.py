@@ -58,7 +58,9 @@ def setup():
 def test_equals_row_by_row_reference(setup, config, variant):
     train, targets = setup
     model = make_tiny_bert(turnover=config)
-    result = estimate_influence(model, train, targets, variant=variant, batch_size=5, progress=False)
+    result = estimate_influence(
+        model, train, targets, variant=variant, train_batch_size=5, progress=False, method="exact"
+    )
     assert result.column_names == ["target_id", "train_id", "score"] and len(result) == 3 * 24
     for t in range(3):
         expected = reference_scores(model, targets[t], sorted(train["instance_id"]), variant)
@@ -68,10 +70,12 @@ def test_equals_row_by_row_reference(setup, config, variant):
 def test_batch_size_does_not_change_scores(setup):
     train, targets = setup
     model = make_tiny_bert()
-    a = estimate_influence(model, train, targets, batch_size=1, progress=False)
-    b = estimate_influence(model, train, targets, batch_size=64, progress=False)
+    a = estimate_influence(model, train, targets, train_batch_size=1, progress=False, method="exact")
+    b = estimate_influence(model, train, targets, train_batch_size=64, progress=False, method="exact")
     torch.testing.assert_close(_scores(a, 1), _scores(b, 1), atol=1e-6, rtol=1e-5)
-    auto = estimate_influence(model, train, targets, progress=False)  # batch_size=None: sized to the input
+    auto = estimate_influence(
+        model, train, targets, progress=False, method="exact"
+    )  # batch_size=None: sized to the input
     torch.testing.assert_close(_scores(auto, 1), _scores(b, 1), atol=1e-6, rtol=1e-5)
 
 
@@ -121,16 +125,16 @@ def test_position_slicing_is_used_and_equals_plain_path(setup, config):
     model = make_tiny_bert(turnover=config).eval()
     x = {"input_ids": torch.tensor([targets[0]["input_ids"]])}
     assert tail_entry(model, x) == "bert.encoder.layer.1.attention.output"
-    sliced = estimate_influence(model, train, targets, progress=False)
-    plain = estimate_influence(model, train, targets, positions=None, progress=False)
+    sliced = estimate_influence(model, train, targets, progress=False, method="exact")
+    plain = estimate_influence(model, train, targets, positions=None, progress=False, method="exact")
     torch.testing.assert_close(_scores(sliced, 0), _scores(plain, 0), atol=1e-5, rtol=1e-4)
 
 
 def test_top_k_equals_top_k_of_full_matrix(setup):
     train, targets = setup
     model = make_tiny_bert()
-    full = estimate_influence(model, train, targets, progress=False)
-    top = estimate_influence(model, train, targets, top_k=3, progress=False)
+    full = estimate_influence(model, train, targets, progress=False, method="exact")
+    top = estimate_influence(model, train, targets, top_k=3, progress=False, method="exact")
     for t in range(3):
         scores = full.filter(lambda r, t=t: r["target_id"] == t)
         order = sorted(zip(scores["score"], scores["train_id"], strict=True), reverse=True)
@@ -142,7 +146,9 @@ def test_top_k_equals_top_k_of_full_matrix(setup):
 def test_train_id_subset(setup):
     train, targets = setup
     model = make_tiny_bert()
-    subset = estimate_influence(model, train, targets.select([0]), train_ids=[105, 101], progress=False)
+    subset = estimate_influence(
+        model, train, targets.select([0]), train_ids=[105, 101], progress=False, method="exact"
+    )
     torch.testing.assert_close(
         _scores(subset, 0), reference_scores(model, targets[0], [101, 105]), atol=1e-5, rtol=1e-4
     )
@@ -151,11 +157,16 @@ def test_train_id_subset(setup):
 def test_self_influence_equals_estimate_on_itself(setup):
     train, _ = setup
     model = make_tiny_bert()
-    own = self_influence(model, train, batch_size=7, progress=False)
+    own = self_influence(model, train, batch_size=7, progress=False, method="exact")
     assert own["train_id"] == train["instance_id"]
     for row in (0, 9, 23):
         single = estimate_influence(
-            model, train, train.select([row]), train_ids=[train[row]["instance_id"]], progress=False
+            model,
+            train,
+            train.select([row]),
+            train_ids=[train[row]["instance_id"]],
+            progress=False,
+            method="exact",
         )
         assert single["score"][0] == pytest.approx(own["score"][row], abs=1e-5)
 
@@ -166,14 +177,16 @@ def test_formatted_datasets_score_like_plain_ones(setup, kind):
     train, targets = setup
     model = make_tiny_bert()
     formatted = train.with_format(kind)
-    plain = estimate_influence(model, train, targets, progress=False)
+    plain = estimate_influence(model, train, targets, progress=False, method="exact")
     assert (
-        estimate_influence(model, formatted, targets.with_format(kind), progress=False)["score"]
+        estimate_influence(model, formatted, targets.with_format(kind), progress=False, method="exact")[
+            "score"
+        ]
         == (plain["score"])
     )
     assert (
-        self_influence(model, formatted, progress=False)["score"]
-        == self_influence(model, train, progress=False)["score"]
+        self_influence(model, formatted, progress=False, method="exact")["score"]
+        == self_influence(model, train, progress=False, method="exact")["score"]
     )
     assert formatted.format["type"] == kind  # the caller's dataset keeps its format
 
@@ -183,9 +196,10 @@ def test_self_influence_pads_rows_of_different_lengths():
     train = datasets.Dataset.from_dict(
         {"input_ids": [[5, 6, 7], [8, 9, 10, 11, 12]], "labels": [0, 1], "instance_id": [0, 1]}
     )
-    padded = self_influence(model, train, batch_size=2, progress=False)["score"]
+    padded = self_influence(model, train, batch_size=2, progress=False, method="exact")["score"]
     alone = [
-        self_influence(model, train.select([i]), batch_size=1, progress=False)["score"][0] for i in (0, 1)
+        self_influence(model, train.select([i]), batch_size=1, progress=False, method="exact")["score"][0]
+        for i in (0, 1)
     ]
     assert padded == pytest.approx(alone, abs=1e-5)
 
@@ -193,8 +207,8 @@ def test_self_influence_pads_rows_of_different_lengths():
 def test_mean_influence_is_mean_over_targets(setup):
     train, targets = setup
     model = make_tiny_bert()
-    full = estimate_influence(model, train, targets, progress=False)
-    mean = mean_influence(model, train, targets, progress=False)
+    full = estimate_influence(model, train, targets, progress=False, method="exact")
+    mean = mean_influence(model, train, targets, progress=False, method="exact")
     expected = torch.stack([_scores(full, t) for t in range(3)]).mean(0)
     torch.testing.assert_close(torch.tensor(mean["score"]), expected, atol=1e-6, rtol=1e-5)
     assert score_arguments(mean)["num_targets"] == 3
@@ -206,10 +220,10 @@ def test_unlabelled_targets_explain_the_predicted_label(setup, caplog):
     with torch.no_grad():
         predicted = model(input_ids=torch.tensor([targets[1]["input_ids"]])).logits.argmax(-1).item()
     unlabelled = estimate_influence(
-        model, train, targets.select([1]).remove_columns("labels"), progress=False
+        model, train, targets.select([1]).remove_columns("labels"), progress=False, method="exact"
     )
     labelled = estimate_influence(
-        model, train, targets.select([1]).map(lambda r: {"labels": predicted}), progress=False
+        model, train, targets.select([1]).map(lambda r: {"labels": predicted}), progress=False, method="exact"
     )
     assert unlabelled["score"] == labelled["score"]
 
@@ -217,8 +231,8 @@ def test_unlabelled_targets_explain_the_predicted_label(setup, caplog):
 def test_save_load_and_combine(tmp_path, setup):
     train, targets = setup
     model = make_tiny_bert()
-    a = estimate_influence(model, train, targets.select([0]), progress=False)
-    b = estimate_influence(model, train, targets.select([1]), progress=False)
+    a = estimate_influence(model, train, targets.select([0]), progress=False, method="exact")
+    b = estimate_influence(model, train, targets.select([1]), progress=False, method="exact")
     path = save_scores(a, tmp_path / "a.parquet")
     umask = os.umask(0)
     os.umask(umask)
@@ -226,7 +240,9 @@ def test_save_load_and_combine(tmp_path, setup):
     loaded = load_scores(path)
     assert loaded["score"] == a["score"] and score_arguments(loaded) == score_arguments(a)
     assert len(combine_scores([loaded, b])) == len(a) + len(b)
-    other = estimate_influence(model, train, targets.select([1]), variant="full", progress=False)
+    other = estimate_influence(
+        model, train, targets.select([1]), variant="full", progress=False, method="exact"
+    )
     with pytest.raises(ValueError, match=r"different arguments.*\['variant'\]"):
         combine_scores([a, other])
 
@@ -235,7 +251,7 @@ def test_saving_a_filtered_or_sorted_result_keeps_only_its_rows(tmp_path, setup)
     from hf_turnover.evaluation import score_matrix
 
     train, targets = setup
-    both = estimate_influence(make_tiny_bert(), train, targets.select([0, 1]), progress=False)
+    both = estimate_influence(make_tiny_bert(), train, targets.select([0, 1]), progress=False, method="exact")
     kept = both.filter(lambda r: r["target_id"] == 1).sort("score")
     loaded = load_scores(save_scores(kept, tmp_path / "kept.parquet"))
     assert loaded["score"] == kept["score"] and set(loaded["target_id"]) == {1}
@@ -246,8 +262,10 @@ def test_saving_a_filtered_or_sorted_result_keeps_only_its_rows(tmp_path, setup)
 def test_bfloat16_autocast_scores_close_to_float32(setup):
     train, targets = setup
     model = make_tiny_bert()
-    f32 = estimate_influence(model, train, targets.select([0]), progress=False)
-    bf16 = estimate_influence(model, train, targets.select([0]), dtype=torch.bfloat16, progress=False)
+    f32 = estimate_influence(model, train, targets.select([0]), progress=False, method="exact")
+    bf16 = estimate_influence(
+        model, train, targets.select([0]), dtype=torch.bfloat16, progress=False, method="exact"
+    )
     assert torch.corrcoef(torch.tensor([f32["score"], bf16["score"]]))[0, 1] > 0.95
 
 
@@ -255,13 +273,15 @@ def test_errors(setup):
     train, targets = setup
     model = make_tiny_bert()
     with pytest.raises(ValueError, match="training set is empty"):
-        estimate_influence(model, train.select([]), targets, progress=False)
+        estimate_influence(model, train.select([]), targets, progress=False, method="exact")
     with pytest.raises(ValueError, match="has no turn-over layers"):
-        estimate_influence(make_tiny_bert(turnover=False), train, targets, progress=False)
+        estimate_influence(make_tiny_bert(turnover=False), train, targets, progress=False, method="exact")
     with pytest.raises(ValueError, match="variant='both' is unknown"):
-        estimate_influence(model, train, targets, variant="both", progress=False)
+        estimate_influence(model, train, targets, variant="both", progress=False, method="exact")
     with pytest.raises(ValueError, match="train_dataset has no 'instance_id' column"):
-        estimate_influence(model, train.remove_columns("instance_id"), targets, progress=False)
+        estimate_influence(
+            model, train.remove_columns("instance_id"), targets, progress=False, method="exact"
+        )
 
 
 def test_trainer_records_fingerprint_and_scoring_refuses_another_set(tmp_path, setup):
@@ -274,13 +294,13 @@ def test_trainer_records_fingerprint_and_scoring_refuses_another_set(tmp_path, s
     TurnoverTrainer(model, tiny_training_args(tmp_path), train_dataset=train).train()
     assert model.config.turnover_training["num_instances"] == 24
     estimate_influence(
-        model, train.shuffle(seed=0), targets.select([0]), progress=False
+        model, train.shuffle(seed=0), targets.select([0]), progress=False, method="exact"
     )  # order does not matter
     changed = train.map(lambda r: {"labels": 1 - r["labels"]} if r["instance_id"] == 103 else {})
     with pytest.raises(ValueError, match="is not the one the model was trained on"):
-        estimate_influence(model, changed, targets, progress=False)
+        estimate_influence(model, changed, targets, progress=False, method="exact")
     with pytest.raises(ValueError, match="is not the one the model was trained on"):
-        self_influence(model, train.select(range(23)), progress=False)
+        self_influence(model, train.select(range(23)), progress=False, method="exact")
 
 
 def test_adapters_attention_copies_are_skipped_only_while_scoring(setup):
@@ -298,7 +318,7 @@ def test_adapters_attention_copies_are_skipped_only_while_scoring(setup):
         assert all(torch.equal(a, b) for a, b in zip(repeated, original(q, k, v), strict=True))
     assert adapters_bert.match_attn_matrices_for_parallel is original
     train, targets = setup
-    estimate_influence(make_tiny_bert(), train, targets.select([0]), progress=False)
+    estimate_influence(make_tiny_bert(), train, targets.select([0]), progress=False, method="exact")
     assert adapters_bert.match_attn_matrices_for_parallel is original
 
 
@@ -309,14 +329,19 @@ def test_self_influence_runs_the_unmasked_prefix_once_per_batch(setup):
     model = make_tiny_bert(turnover=TOP_ONLY)
     calls = []  # layer 0 is below the masks; a module inside it is not replayed itself when it has a hook
     model.bert.encoder.layer[0].intermediate.dense.register_forward_hook(lambda *a: calls.append(1))
-    scores = self_influence(model, train, batch_size=8, progress=False)
+    scores = self_influence(model, train, batch_size=8, progress=False, method="exact")
     assert len(calls) == 1 + 3 + 1  # the probe of the model's order, three batches of 8 rows, one check
     calls.clear()
-    self_influence(model, train, batch_size=8, progress=False, reuse_prefix=False)
+    self_influence(model, train, batch_size=8, progress=False, reuse_prefix=False, method="exact")
     assert len(calls) == 1 + 3 * 2
     for row in (0, 13):
         single = estimate_influence(
-            model, train, train.select([row]), train_ids=[train[row]["instance_id"]], progress=False
+            model,
+            train,
+            train.select([row]),
+            train_ids=[train[row]["instance_id"]],
+            progress=False,
+            method="exact",
         )
         assert single["score"][0] == pytest.approx(scores["score"][row], abs=1e-5)
 
@@ -336,7 +361,7 @@ def test_prefix_with_side_effects_is_recomputed_and_says_so(setup, caplog):
     model = make_tiny_bert()
     model.bert.embeddings = Drifting(model.bert.embeddings)
     with caplog.at_level("WARNING"):
-        self_influence(model, train, batch_size=8, progress=False)
+        self_influence(model, train, batch_size=8, progress=False, method="exact")
     assert "replaying the layers below the first masked one changed the scores" in caplog.text
     # the probe, the first batch's own forward and its check, then two full forwards for each later batch
     assert model.bert.embeddings.calls == 1 + 2 + 2 * 2
@@ -350,7 +375,7 @@ def test_all_zero_scores_warn_that_the_masks_were_not_reached(setup, caplog, mon
     model = make_tiny_bert()
     monkeypatch.setattr(hf_turnover.layer, "current_state", lambda: None)  # the hooks see no ids
     with caplog.at_level("WARNING"):
-        scores = estimate_influence(model, train, targets.select([0]), progress=False)
+        scores = estimate_influence(model, train, targets.select([0]), progress=False, method="exact")
     assert not any(scores["score"])
     assert "Every influence score is exactly 0" in caplog.text
 

@@ -192,7 +192,9 @@ def test_exact_scores_equal_the_row_by_row_reference(kind):
     train, targets = make_train_and_targets()
     train, targets = train.select(range(12)), targets.select([0, 1])  # target 0 is padded
     model = lora_model(kind).eval()
-    result = estimate_influence(model, train, targets, batch_size=5, progress=False)  # chunks of 5, 5, 2
+    result = estimate_influence(
+        model, train, targets, train_batch_size=5, progress=False, method="exact"
+    )  # chunks of 5, 5, 2
     ids = sorted(train["instance_id"])
     matrix = score_matrix(result, [0, 1], ids)[0]
     for t in range(2):
@@ -290,7 +292,7 @@ def _logits_and_scores(model, batch, ids, train, targets):
         for mode in ("own", "flip"):
             with turnover_context(ids, mode):
                 logits[mode] = model(**batch).logits
-    scores = estimate_influence(model, train, targets, progress=False)
+    scores = estimate_influence(model, train, targets, progress=False, method="exact")
     return logits, torch.tensor(scores["score"])
 
 
@@ -345,7 +347,7 @@ def test_adapters_lora_model_round_trips_with_remote_code(tmp_path):
                 assert torch.equal(installed(**batch).logits, logits), mode
     assert not torch.equal(fresh["own"], fresh["flip"])
     train = load_training_set(tmp_path / "model", None)
-    exact = estimate_influence(model, train, [target], progress=False)
+    exact = estimate_influence(model, train, [target], progress=False, method="exact")
     assert torch.equal(torch.tensor(exact["score"]), fresh["scores"]) and fresh["scores"].abs().max() > 0
     linear = estimate_influence(model, train, [target], method="linear", progress=False)
     torch.testing.assert_close(torch.tensor(linear["score"]), fresh["linear"], rtol=1e-5, atol=1e-7)

@@ -54,7 +54,10 @@ def trained(tmp_path_factory):
 def test_output_holds_prediction_and_ranked_instances(trained):
     pipe, train, _ = trained
     out = pipe("w1 w2 w3 w4", top_k=3)
-    assert set(out) == {"prediction", "helpful", "harmful", "truncated", "restricted_to_label"}
+    assert set(out) == {
+        "prediction", "helpful", "harmful", "truncated", "restricted_to_label", "warnings", "unknown_token_share",
+        "unseen_token_share",
+    }  # fmt: skip
     assert out["prediction"]["label"] in ("negative", "positive") and 0.5 <= out["prediction"]["score"] <= 1
     assert len(out["helpful"]) == len(out["harmful"]) == 3 and out["truncated"] is False
     helpful = [item["score"] for item in out["helpful"]]
@@ -62,18 +65,19 @@ def test_output_holds_prediction_and_ranked_instances(trained):
     assert helpful == sorted(helpful, reverse=True) and harmful == sorted(harmful) and helpful[0] > harmful[0]
     by_id = {row["instance_id"]: row for row in train}
     for item in out["helpful"] + out["harmful"]:
-        assert set(item) == {"id", "text", "label", "score"}
-        assert item["text"] == by_id[item["id"]]["sentence"]
-        assert item["label"] == pipe.model.config.id2label[by_id[item["id"]]["label"]]
+        assert set(item) == {"train_id", "text", "label", "score", "percentile"}
+        assert item["text"] == by_id[item["train_id"]]["sentence"]
+        assert item["label"] == pipe.model.config.id2label[by_id[item["train_id"]]["label"]]
 
 
 def test_scores_are_the_engine_scores_for_the_predicted_label(trained):
     pipe, train, _ = trained
-    out = pipe("w1 w2 w3 w4", top_k=24, method="exact")  # every training instance, ranked
+    out = pipe("w1 w2 w3 w4", top_k=None, method="exact")  # every training instance, ranked
     target = dict(pipe.tokenizer("w1 w2 w3 w4"), label=pipe.model.config.label2id[out["prediction"]["label"]])
-    engine = estimate_influence(pipe.model, train, [target], progress=False)
+    engine = estimate_influence(pipe.model, train, [target], method="exact", progress=False)
     expected = dict(zip(engine["train_id"], engine["score"], strict=True))
-    assert {i["id"]: i["score"] for i in out["helpful"]} == pytest.approx(expected, abs=1e-6)
+    listed = {i["train_id"]: i["score"] for i in out["helpful"] + out["harmful"]}
+    assert listed == pytest.approx({k: v for k, v in expected.items() if v != 0}, abs=1e-6)
 
 
 def test_linear_is_the_default_method(trained):
@@ -89,8 +93,8 @@ def test_linear_method_scores_are_the_engine_linear_scores(trained):
     target = {**dict(pipe.tokenizer("w1 w2 w3")), "label": label}
     engine = estimate_influence(pipe.model, train, [target], method="linear", progress=False)
     expected = dict(zip(engine["train_id"], engine["score"], strict=True))
-    assert {item["id"]: item["score"] for item in out["helpful"]} == pytest.approx(
-        {item["id"]: expected[item["id"]] for item in out["helpful"]}, rel=1e-5, abs=1e-7
+    assert {item["train_id"]: item["score"] for item in out["helpful"]} == pytest.approx(
+        {item["train_id"]: expected[item["train_id"]] for item in out["helpful"]}, rel=1e-5, abs=1e-7
     )
     assert out["helpful"][0]["score"] == pytest.approx(max(expected.values()), rel=1e-5)
 
@@ -110,9 +114,26 @@ def test_restrict_to_label(trained, label):
     assert {item["label"] for item in out["helpful"] + out["harmful"]} == {expected}
 
 
-def test_batch_size_does_not_change_scores(trained):
+def test_train_batch_size_does_not_change_scores(trained):
     pipe, _, _ = trained
-    assert_close(pipe("w1 w9 w12", top_k=5, batch_size=3), pipe("w1 w9 w12", top_k=5, batch_size=64))
+    small = pipe("w1 w9 w12", top_k=5, train_batch_size=3, method="exact")
+    assert_close(small, pipe("w1 w9 w12", top_k=5, train_batch_size=64, method="exact"))
+    with pytest.raises(ValueError, match="train_batch_size must be a positive int"):
+        pipe("w1", train_batch_size=0)
+
+
+@pytest.mark.parametrize("method", ["linear", "exact"])
+def test_batch_size_counts_texts_per_batch(trained, method, monkeypatch):
+    """batch_size is the transformers one: texts per batch (the linear methods run one pass per batch)."""
+    pipe, _, _ = trained
+    texts = ["w1 w2", "w13 w15 w16", "w3", "w4 w5", "w6"]
+    alone = [pipe(text, top_k=2, method=method) for text in texts]
+    scorer = pipe._scorer("linear", None)
+    passes = []
+    original = scorer.logits_and_gradients
+    monkeypatch.setattr(scorer, "logits_and_gradients", lambda *a, **k: passes.append(1) or original(*a, **k))
+    assert_close(pipe(texts, top_k=2, method=method, batch_size=2), alone, tol=1e-5)
+    assert len(passes) == (3 if method == "linear" else 0)
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         pipe("w1", batch_size=0)
 
@@ -246,7 +267,7 @@ def test_default_pipeline_works_offline_on_the_installed_backbone():
     out = explain("A gorgeous, witty, seductive movie.", top_k=2, restrict_to_label=True)
     assert out["prediction"]["label"] in ("negative", "positive")
     assert {i["label"] for i in out["helpful"] + out["harmful"]} == {out["prediction"]["label"]}
-    assert {i["id"] for i in out["helpful"]} <= set(explain.train_dataset["instance_id"])
+    assert {i["train_id"] for i in out["helpful"]} <= set(explain.train_dataset["instance_id"])
 
 
 def test_each_input_is_tokenized_once(trained, monkeypatch):
@@ -291,8 +312,8 @@ def test_centered_scores_are_the_engine_centered_scores(trained):
     engine = estimate_influence(pipe.model, train, [target], method="centered",
                                 reference=pipe.centered_reference(), progress=False)  # fmt: skip
     expected = dict(zip(engine["train_id"], engine["score"], strict=True))
-    assert {item["id"]: item["score"] for item in out["helpful"]} == pytest.approx(
-        {item["id"]: expected[item["id"]] for item in out["helpful"]}, rel=1e-5, abs=1e-7
+    assert {item["train_id"]: item["score"] for item in out["helpful"]} == pytest.approx(
+        {item["train_id"]: expected[item["train_id"]] for item in out["helpful"]}, rel=1e-5, abs=1e-7
     )
     linear = pipe("w1 w2 w3", top_k=100, method="linear")
     assert [i["score"] for i in out["helpful"]] != [i["score"] for i in linear["helpful"]]

@@ -31,13 +31,13 @@ def _assert_identical(a, b, sort=False):
 
 # shard_size=7 cuts the ids inside the exact engine's chunks of 5 ids.
 CASES = [
-    ("influence", {"batch_size": 5}, None),
-    ("influence", {"batch_size": 5}, 3),
+    ("influence", {"method": "exact", "train_batch_size": 5}, None),
+    ("influence", {"method": "exact", "train_batch_size": 5}, 3),
     ("influence", {"method": "linear"}, None),
     ("influence", {"method": "linear"}, 3),
-    ("self_influence", {}, None),
+    ("self_influence", {"method": "exact"}, None),
     ("self_influence", {"method": "linear"}, None),
-    ("mean_influence", {"batch_size": 5}, None),
+    ("mean_influence", {"method": "exact", "train_batch_size": 5}, None),
     ("mean_influence", {"method": "linear"}, None),
 ]
 
@@ -60,7 +60,8 @@ def test_run_equals_one_process(setup, tmp_path, kind, options, top_k):
 
 def test_interrupted_run_resumes_and_a_finished_run_does_no_work(setup, tmp_path, monkeypatch):
     model, train, targets = setup
-    make = lambda: ScoringRun(tmp_path, model, train, targets, top_k=2, shard_size=5, batch_size=5)  # noqa: E731
+    options = {"top_k": 2, "shard_size": 5, "method": "exact", "train_batch_size": 5}
+    make = lambda: ScoringRun(tmp_path, model, train, targets, **options)  # noqa: E731
     assert not make().run(progress=False, stop_after=2)  # "killed" after two of five shards
     assert len(list((tmp_path / "shards").glob("shard-*.parquet"))) == 2
     scored = []
@@ -68,7 +69,9 @@ def test_interrupted_run_resumes_and_a_finished_run_does_no_work(setup, tmp_path
     monkeypatch.setattr(ScoringRun, "score_shard", lambda self, i: scored.append(i) or original(self, i))
     assert make().run(progress=False)
     assert scored == [2, 3, 4]
-    complete = ScoringRun(tmp_path / "again", model, train, targets, top_k=2, shard_size=5, batch_size=5)
+    complete = ScoringRun(
+        tmp_path / "again", model, train, targets, top_k=2, shard_size=5, method="exact", train_batch_size=5
+    )
     complete.run(progress=False)
     _assert_identical(load_run(tmp_path), load_run(tmp_path / "again"))
     scored.clear()
