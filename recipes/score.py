@@ -78,7 +78,10 @@ class ScoreArguments:
         default=None, metadata={"help": "Text column (default: sentence or text)."}
     )
     max_targets: int | None = field(default=None, metadata={"help": "Score the first N targets only."})
-    method: str = field(default="exact", metadata={"help": "exact (the paper) or linear (first order)."})
+    method: str = field(
+        default="linear",
+        metadata={"help": "linear (first order, the default everywhere) or exact (the paper)."},
+    )
     variant: str = field(default="own", metadata={"help": "own (the paper) or full (its footnote 4)."})
     top_k: int | None = field(default=None, metadata={"help": "Keep the top and bottom k per target."})
     batch_size: int | None = field(
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> ScoringRun:
     run = ScoringRun(
         args.output_dir, model, train, targets, kind=args.kind, top_k=args.top_k, shard_size=args.shard_size,
         self_batch_size=args.self_batch_size, method=args.method, variant=args.variant,
-        batch_size=args.batch_size,
+        train_batch_size=args.batch_size,
     )  # fmt: skip
     run.run(state)
     if state is None or state.is_main_process:

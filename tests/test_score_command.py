@@ -78,7 +78,11 @@ def test_command_equals_the_library(saved, score, tmp_path, kind, extra):
     result = load_run(tmp_path)
     targets = [dict(tokenizer(s)) for s in SENTENCES]
     options = (
-        {"method": "linear"} if "linear" in extra else {"batch_size": 3} if kind == "mean_influence" else {}
+        {"method": "linear"}
+        if "linear" in extra
+        else {"train_batch_size": 3}
+        if kind == "mean_influence"
+        else {}
     )
     if kind == "influence":
         expected = estimate_influence(model, train, targets, progress=False, top_k=4 if "--top_k" in extra else None,
