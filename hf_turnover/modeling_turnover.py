@@ -53,6 +53,7 @@ from .results import scores_dataset  # noqa: F401
 from .reuse import tail_entry  # noqa: F401
 from .scorer import TurnoverScorer  # noqa: F401
 from .training_set import package_dir
+from .wide import wide_adapter_config
 
 logger = logging.get_logger(__name__)
 
@@ -140,16 +141,24 @@ class TurnoverBertForSequenceClassification(BertForSequenceClassification):
         *,
         num_labels: int = 2,
         adapter_name: str = "task",
-        adapter_config: Any = "double_seq_bn",
+        adapter_config: Any = None,
         turnover: TurnoverConfig | None = None,
         **kwargs: Any,
     ) -> TurnoverBertForSequenceClassification:
         """A BERT backbone + a new bottleneck adapter (trainable) + classifier, patched with turn-over masks.
 
-        ``kwargs`` go to the config (``id2label``, ``label2id``, ``hidden_dropout_prob``...).
+        ``adapter_config``: an ``adapters`` config (or its name). The default is the set-up of the embedded
+        default model: :func:`~hf_turnover.wide.wide_adapter_config` with ``seq_bn`` adapters in the top two
+        layers, ``4 * hidden_size`` units in the top one and ``hidden_size`` below (1,536 and 384 on MiniLM).
+        ``turnover`` defaults to ``TurnoverConfig()``: masks on every adapter's bottleneck and on the classifier
+        input. ``kwargs`` go to the config (``id2label``, ``label2id``, ``hidden_dropout_prob``...).
         """
         base = BertConfig.from_pretrained(name_or_path)
         config = TurnoverBertConfig.from_bert_config(base, num_labels=num_labels, **kwargs)
+        if adapter_config is None:
+            adapter_config = wide_adapter_config(
+                config, top_layers=min(2, config.num_hidden_layers), lower_width=config.hidden_size
+            )
         model = cls.from_pretrained(name_or_path, config=config)
         with _quiet_adapters():
             model.add_adapter(adapter_name, config=adapter_config)
