@@ -73,7 +73,7 @@ class _EmbeddedDefaultNotice(logging.Filter):
 
 
 def save_turnover_model(
-    model: TurnoverBertForSequenceClassification,
+    model: torch.nn.Module,
     save_directory: str | os.PathLike,
     *,
     tokenizer: PreTrainedTokenizerBase,
@@ -83,17 +83,17 @@ def save_turnover_model(
 ) -> Path:
     """Save ``model`` with its code, tokenizer, training set and model card, Hub-ready (atomically).
 
+    ``model``: a trained ``TurnoverBertForSequenceClassification`` (``from_backbone``), or a
+    ``BertForSequenceClassification`` with ``adapters`` and turn-over layers, which is saved as one
+    (:meth:`~hf_turnover.modeling_turnover.TurnoverBertForSequenceClassification.from_model`; same weights and
+    masks). Other models raise ``TypeError``.
     ``train_dataset`` must be the set the model was trained on (checked against the recorded fingerprint).
     ``card`` holds what the card should report: ``dataset_name``, ``accuracy``, ``baseline_accuracy``,
     ``eval_split``, ``repo_id``, ``base_model``, ``command`` (see :func:`hf_turnover.card.model_card`).
     ``centered_reference``: the reference gradient of ``method="centered"`` if already computed
     (:func:`hf_turnover.explain.training_reference`); else it is computed from ``train_dataset`` here.
     """
-    if not isinstance(model, TurnoverBertForSequenceClassification):
-        raise TypeError(
-            f"save_turnover_model needs a TurnoverBertForSequenceClassification, got {type(model).__name__}. "
-            "Build one with TurnoverBertForSequenceClassification.from_backbone(...) and train it."
-        )
+    model = TurnoverBertForSequenceClassification.from_model(model)  # a plain BERT with adapters converts
     card_text = str(model_card(model, **(card or {})))  # before writing anything: a bad card fails early
     pipe = InfluencePipeline(model=model, tokenizer=tokenizer, train_dataset=train_dataset, task=TASK)
     if centered_reference is not None:
@@ -103,7 +103,7 @@ def save_turnover_model(
 
 
 def push_turnover_model(
-    model: TurnoverBertForSequenceClassification,
+    model: torch.nn.Module,
     repo_id: str,
     *,
     tokenizer: PreTrainedTokenizerBase,

@@ -38,7 +38,7 @@ from transformers.utils import cached_file, logging
 # transformers copies only the modules that a remote-code file imports directly when it loads from a local
 # directory (the Hub path recurses), so this file imports every module of its closure itself (the noqa ones).
 from .atomic import atomic_copy
-from .config import TurnoverConfig
+from .config import CONFIG_KEY, TurnoverConfig
 from .context import turnover_context
 from .distributed import shardable  # noqa: F401
 from .fingerprint import training_fingerprint  # noqa: F401
@@ -53,6 +53,7 @@ from .results import scores_dataset  # noqa: F401
 from .reuse import tail_entry  # noqa: F401
 from .scorer import TurnoverScorer  # noqa: F401
 from .training_set import package_dir
+from .wide import wide_adapter_config
 
 logger = logging.get_logger(__name__)
 
@@ -140,22 +141,66 @@ class TurnoverBertForSequenceClassification(BertForSequenceClassification):
         *,
         num_labels: int = 2,
         adapter_name: str = "task",
-        adapter_config: Any = "double_seq_bn",
+        adapter_config: Any = None,
         turnover: TurnoverConfig | None = None,
         **kwargs: Any,
     ) -> TurnoverBertForSequenceClassification:
         """A BERT backbone + a new bottleneck adapter (trainable) + classifier, patched with turn-over masks.
 
-        ``kwargs`` go to the config (``id2label``, ``label2id``, ``hidden_dropout_prob``...).
+        ``adapter_config``: an ``adapters`` config (or its name). The default is the set-up of the embedded
+        default model: :func:`~hf_turnover.wide.wide_adapter_config` with ``seq_bn`` adapters in the top two
+        layers, ``4 * hidden_size`` units in the top one and ``hidden_size`` below (1,536 and 384 on MiniLM).
+        ``turnover`` defaults to ``TurnoverConfig()``: masks on every adapter's bottleneck and on the classifier
+        input. ``kwargs`` go to the config (``id2label``, ``label2id``, ``hidden_dropout_prob``...).
         """
         base = BertConfig.from_pretrained(name_or_path)
         config = TurnoverBertConfig.from_bert_config(base, num_labels=num_labels, **kwargs)
+        if adapter_config is None:
+            adapter_config = wide_adapter_config(
+                config, top_layers=min(2, config.num_hidden_layers), lower_width=config.hidden_size
+            )
         model = cls.from_pretrained(name_or_path, config=config)
         with _quiet_adapters():
             model.add_adapter(adapter_name, config=adapter_config)
             model.train_adapter(adapter_name)
         model.config.turnover_active_adapters = [adapter_name]
         return add_turnover(model, turnover or TurnoverConfig())
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> TurnoverBertForSequenceClassification:
+        """The same trained model as this class, which saves, pushes and loads with its code.
+
+        ``model``: a ``BertForSequenceClassification`` set up with ``adapters.init``, its adapters and
+        ``hf_turnover.add_turnover`` (and trained, so that it recorded its training fingerprint). Weights, adapter
+        set-up, turn-over config, fingerprint and which parameters train are carried over; the masks are the same
+        (a function of the config and the ids). A model of this class is returned as it is.
+        """
+        if isinstance(model, cls):
+            return model
+        if not isinstance(model, BertForSequenceClassification) or not hasattr(model, "adapters_config"):
+            raise TypeError(
+                f"Only a BertForSequenceClassification with adapters (adapters.init) converts to {cls.__name__}, "
+                f"got {type(model).__name__}. Build new models with {cls.__name__}.from_backbone(...)."
+            )
+        turnover = getattr(model.config, CONFIG_KEY, None)
+        if turnover is None:
+            raise ValueError(
+                "The model has no turn-over layers to save: call hf_turnover.add_turnover(model, TurnoverConfig()) "
+                "before training it."
+            )
+        active = model.active_adapters
+        config = TurnoverBertConfig.from_bert_config(
+            model.config,
+            adapters=model.adapters_config.to_dict(),
+            turnover_active_adapters=list(active.flatten()) if active is not None else None,
+        )
+        converted = cls(config)
+        converted.load_state_dict(model.state_dict())
+        trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+        for name, param in converted.named_parameters():
+            param.requires_grad_(name in trainable)
+        parameter = next(model.parameters())
+        return converted.to(parameter.device, parameter.dtype).train(model.training)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Save weights (safetensors only), config with ``auto_map``, and the remote code files."""

@@ -57,6 +57,7 @@ from .results import scores_dataset  # noqa: F401
 from .reuse import tail_entry  # noqa: F401
 from .scorer import TurnoverScorer
 from .training_set import INFO_FILE, TEXT_COLUMNS, load_training_set, save_training_set
+from .wide import wide_adapter_config  # noqa: F401
 
 logger = logging.get_logger(__name__)
 

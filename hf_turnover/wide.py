@@ -10,6 +10,8 @@ adapter in the top encoder layer is the cheapest place for many units: ``adapter
 
 ``benchmarks/RESULTS.md`` chose the default width: on MiniLM-L6 with N = 2,000 Rotten Tomatoes sentences,
 1,536 units gave the best single-model LDS (0.13) of 384 / 1,536 / 6,144 at both learning rates tried.
+
+This file travels with Hub models as remote code (``modeling_turnover.py`` imports it): installed packages only.
 """
 
 from __future__ import annotations
