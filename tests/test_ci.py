@@ -3,8 +3,9 @@
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +41,7 @@ def test_ci_fails_where_the_readme_test_command_collects_nothing(tmp_path):
 
 
 def test_the_installed_extra_holds_what_the_tests_import():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     dev = {req.split(">")[0].split("=")[0].split("[")[0].strip() for req in extras["dev"]}
     needed = {"pytest", "captum", "scikit-learn", "peft"}  # captum: test_width_sweep; peft: test_lora
