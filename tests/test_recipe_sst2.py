@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PINNED
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from hf_turnover.data import load_bundled_dataset
@@ -52,7 +53,7 @@ def recipe_output(tmp_path_factory):
     command += ["--per_device_train_batch_size", "8", "--max_seq_length", "24", "--adapter_top_layers", "1"]
     command += ["--num_explained", "2", "--top_k", "3", "--curve_subset", "8", "--curve_points", "2"]
     command += ["--output_dir", str(tmp / "out"), "--disable_tqdm", "true"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **PINNED}
     result = subprocess.run(command, env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return tmp / "out"
