@@ -45,6 +45,8 @@ from .modeling_turnover import copy_code_files, resolve_base_model
 from .results import scores_dataset  # noqa: F401
 from .reuse import tail_entry  # noqa: F401
 from .scorer import TurnoverScorer
+from .scoring_steps import TargetPrep  # noqa: F401
+from .sharding import implements  # noqa: F401
 from .training_set import INFO_FILE, load_training_set, save_training_set
 
 logger = logging.get_logger(__name__)
