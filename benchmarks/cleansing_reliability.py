@@ -20,7 +20,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 from cleansing import CleansingArguments, CleansingTrainingArguments, CleansingTurnoverArguments  # noqa: E402
-from cleansing_parts import build_classifier, encode_splits, load_splits  # noqa: E402
+from cleansing_model import build_classifier  # noqa: E402
+from cleansing_parts import encode_splits, load_splits  # noqa: E402
 from cleansing_peers import peer_scores  # noqa: E402
 from common import train_model  # noqa: E402
 

@@ -34,9 +34,9 @@ from hf_turnover.atomic import atomic_write_text
 from hf_turnover.default_model import DEFAULT_MODEL_DIR, load_default_model
 from hf_turnover.distributed import process_state
 from hf_turnover.fingerprint import recorded_fingerprint
-from hf_turnover.influence import _TargetPrep
 from hf_turnover.pipeline_turnover import _backbone_tokenizer
 from hf_turnover.scorer import TurnoverScorer
+from hf_turnover.scoring_steps import TargetPrep
 from hf_turnover.training_set import load_training_set
 
 BUNDLED = Path(__file__).resolve().parents[1] / "hf_turnover" / "resources" / "data" / "rotten_tomatoes"
@@ -66,7 +66,7 @@ def timed(function, rounds: int, state) -> float:
 def flops_per_id(model, train, target) -> float:
     scorer = TurnoverScorer(model)
     ids = torch.as_tensor(train["instance_id"])
-    inputs, labels = _TargetPrep(scorer, "instance_id")(target)
+    inputs, labels = TargetPrep(scorer, "instance_id")(target)
     with FlopCounterMode(display=False) as counter:
         scorer.score(inputs, labels, ids)
     return counter.get_total_flops() / len(ids)

@@ -16,48 +16,37 @@ linear method's gradients (one backward pass per target) are shared out by targe
 with the mask bits, the part that grows with N, is sharded by id (each process builds the mask table of its
 shard only).
 
-This module is imported by ``influence.py`` and travels with Hub models as remote code (flat); it reads
-``influence.py``'s helpers at call time, which breaks the import cycle.
+Each implementation registers itself with ``sharding.implements``; ``sharding.shardable`` (on the functions of
+``influence.py``) calls it. This module imports ``influence.py``, never the reverse.
+
+This file travels with Hub models as remote code: installed packages and sibling modules only.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .influence import mean_influence_setup, self_influence_setup, training_ids
 from .inputs import padded_batches
 from .linear import LinearScorer, make_scorer
 from .results import scores_dataset
 from .scorer import TurnoverScorer
+from .scoring_steps import (
+    TargetPrep,
+    resolve_train_batch_size,
+    run_arguments,
+    show_progress,
+    target_rows,
+    top_and_bottom,
+)
+from .sharding import implements, process_state, shard_range, shardable
 
-
-def process_state() -> Any | None:
-    """The ``accelerate.PartialState`` of a multi-process launch, or ``None`` when there is one process."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    # A launch without an accelerator (or with --cpu) runs its processes on the CPU with gloo.
-    accelerator = (
-        torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    )
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not accelerator)
-    return state if state.num_processes > 1 else None
-
-
-def shard_range(n: int, rank: int, world: int, unit: int = 1) -> tuple[int, int]:
-    """``[start, stop)`` of the ``rank``-th of ``world`` contiguous shards of ``n`` items, cut at multiples of
-    ``unit`` (the earlier shards get one unit more when the units do not divide evenly)."""
-    units = -(-n // unit)
-    base, extra = divmod(units, world)
-    start = rank * base + min(rank, extra)
-    stop = start + base + (rank < extra)
-    return min(n, start * unit), min(n, stop * unit)
+__all__ = ["keep_candidates", "merge_candidates", "process_state", "shard_range", "shard_scores", "shardable"]
 
 
 def shard_scores(
@@ -113,9 +102,7 @@ def _shard_vectors(
 
 def keep_candidates(vector: torch.Tensor, top_k: int | None) -> torch.Tensor:
     """Positions of the scores a shard keeps for the merge (its top and bottom ``top_k``), in id order."""
-    from .influence import _top_and_bottom
-
-    return _top_and_bottom(vector, top_k).sort().values
+    return top_and_bottom(vector, top_k).sort().values
 
 
 def merge_candidates(
@@ -123,17 +110,13 @@ def merge_candidates(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The global top and bottom ``top_k`` (all, sorted, without ``top_k``) from the shards' candidates, in the
     order one process returns them: ``(positions in the id list, scores)``."""
-    from .influence import _top_and_bottom
-
     position, score = np.concatenate(positions), np.concatenate(scores)
-    keep = _top_and_bottom(torch.from_numpy(score), top_k).numpy()
+    keep = top_and_bottom(torch.from_numpy(score), top_k).numpy()
     return position[keep], score[keep]
 
 
 def _bar(state: Any, progress: bool | None, **kwargs: Any) -> tqdm:
-    from .influence import _show_progress
-
-    return tqdm(disable=not (_show_progress(progress) and state.is_main_process), **kwargs)
+    return tqdm(disable=not (show_progress(progress) and state.is_main_process), **kwargs)
 
 
 def _gather(state: Any, part: Any) -> list[Any]:
@@ -142,10 +125,9 @@ def _gather(state: Any, part: Any) -> list[Any]:
     return gather_object([part])
 
 
+@implements("estimate_influence")
 def estimate_influence(state: Any, model, train_dataset, targets, **options: Any):
     """:func:`hf_turnover.estimate_influence` over the processes of ``state``."""
-    from .influence import _arguments, _target_rows, _TargetPrep, resolve_train_batch_size, training_ids
-
     top_k, progress = options["top_k"], options["progress"]
     scorer = make_scorer(
         model, options["method"], variant=options["variant"],
@@ -154,8 +136,8 @@ def estimate_influence(state: Any, model, train_dataset, targets, **options: Any
         positions=options["positions"],
     )  # fmt: skip
     ids = training_ids(model, train_dataset, options["train_ids"], options["check_fingerprint"])
-    rows = _target_rows(targets)
-    prep = _TargetPrep(scorer, scorer.config.id_column)
+    rows = target_rows(targets)
+    prep = TargetPrep(scorer, scorer.config.id_column)
     start, stop = shard_range(len(ids), state.process_index, state.num_processes)
     parts = []
     bar = _bar(state, progress, total=len(rows), desc="Scoring targets")
@@ -181,14 +163,13 @@ def estimate_influence(state: Any, model, train_dataset, targets, **options: Any
             "train_id": np.concatenate(train_out),
             "score": np.concatenate(scores),
         },
-        _arguments(model, scorer, "influence", ids, top_k),
+        run_arguments(model, scorer, "influence", ids, top_k),
     )
 
 
+@implements("mean_influence")
 def mean_influence(state: Any, model, train_dataset, targets, *, progress=None, **kwargs: Any):
     """:func:`hf_turnover.mean_influence` over the processes of ``state``."""
-    from .influence import _arguments, mean_influence_setup
-
     scorer, ids, rows, prep = mean_influence_setup(model, train_dataset, targets, kwargs)
     start, stop = shard_range(len(ids), state.process_index, state.num_processes)
     bar = _bar(state, progress, total=len(rows), desc="Mean influence")
@@ -212,14 +193,13 @@ def mean_influence(state: Any, model, train_dataset, targets, *, progress=None, 
     total = np.concatenate(_gather(state, total.float().numpy()))
     return scores_dataset(
         {"train_id": ids.numpy(), "score": total},
-        {**_arguments(model, scorer, "mean_influence", ids), "num_targets": len(rows)},
+        {**run_arguments(model, scorer, "mean_influence", ids), "num_targets": len(rows)},
     )
 
 
+@implements("self_influence")
 def self_influence(state: Any, model, train_dataset, *, batch_size=64, progress=None, **kwargs: Any):
     """:func:`hf_turnover.self_influence` over the processes of ``state``: shards are whole batches."""
-    from .influence import _arguments, self_influence_setup
-
     scorer, train_dataset, ids = self_influence_setup(model, train_dataset, kwargs)
     start, stop = shard_range(len(ids), state.process_index, state.num_processes, unit=batch_size)
     scores = torch.empty(stop - start)
@@ -234,38 +214,5 @@ def self_influence(state: Any, model, train_dataset, *, batch_size=64, progress=
     bar.close()
     scores = np.concatenate(_gather(state, scores.numpy()))
     return scores_dataset(
-        {"train_id": ids.numpy(), "score": scores}, _arguments(model, scorer, "self_influence", ids)
+        {"train_id": ids.numpy(), "score": scores}, run_arguments(model, scorer, "self_influence", ids)
     )
-
-
-_IMPLEMENTATIONS: dict[str, Callable] = {
-    "estimate_influence": estimate_influence,
-    "mean_influence": mean_influence,
-    "self_influence": self_influence,
-}
-
-_DOC = """
-    Multi-process: with ``distributed=True`` under ``accelerate launch --num_processes K``, every process
-    scores a shard of the training ids and every process returns the gathered result, the same scores as
-    one process, bit for bit on the CPU (see :mod:`hf_turnover.distributed`). Every process must make the call.
-"""
-
-
-def shardable(function: Callable) -> Callable:
-    """Give a scoring function a ``distributed`` keyword (default ``False``: the single-process function)."""
-    signature = inspect.signature(function)
-
-    @functools.wraps(function)
-    def wrapper(*args: Any, distributed: bool = False, **kwargs: Any):
-        state = process_state() if distributed else None
-        if state is None:
-            return function(*args, **kwargs)
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        arguments = dict(bound.arguments)
-        arguments.update(arguments.pop("kwargs", {}))
-        positional = [arguments.pop(n) for n in ("model", "train_dataset", "targets") if n in arguments]
-        return _IMPLEMENTATIONS[function.__name__](state, *positional, **arguments)
-
-    wrapper.__doc__ = (function.__doc__ or "") + _DOC
-    return wrapper

@@ -12,8 +12,7 @@ forward (``batch_size`` keeps the transformers meaning: inputs per batch).
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import datasets
@@ -24,7 +23,6 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .context import as_instance_ids
-from .distributed import shardable
 from .fingerprint import check_fingerprint, recorded_fingerprint
 from .inputs import (
     LossFn,
@@ -32,45 +30,25 @@ from .inputs import (
     integer_column,
     label_column,
     length_order,
-    logits_of,
-    model_input_names,
     padded_batches,
-    python_format,
-    to_batch,
 )
 from .linear import LinearScorer, gradient_blocks, make_scorer
 from .results import scores_dataset
 from .scorer import TurnoverScorer
+from .scoring_steps import (  # noqa: F401  (Targets and predict: imported from here by explain.py, variants.py)
+    TargetPrep,
+    Targets,
+    predict,
+    resolve_train_batch_size,
+    run_arguments,
+    scorer_kwargs,
+    show_progress,
+    target_rows,
+    top_and_bottom,
+)
+from .sharding import shardable
 
 logger = logging.get_logger(__name__)
-
-Targets = datasets.Dataset | Sequence[Mapping[str, Any]] | Mapping[str, Any]
-
-
-def resolve_train_batch_size(train_batch_size: int | None, batch_size: int | None) -> int | None:
-    """``train_batch_size`` (training ids per forward), or the deprecated ``batch_size`` that meant the same."""
-    if batch_size is None:
-        return train_batch_size
-    if train_batch_size is not None:
-        raise ValueError(
-            f"Pass train_batch_size={train_batch_size} or the deprecated batch_size={batch_size}, not both."
-        )
-    warnings.warn(
-        "batch_size= (training ids per forward) is now train_batch_size=; batch_size will be removed.",
-        FutureWarning,
-        stacklevel=3,
-    )
-    return batch_size
-
-
-def _scorer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Scorer options: ``train_batch_size`` (or the deprecated ``batch_size``) becomes the scorer's ids per forward."""
-    size = resolve_train_batch_size(kwargs.pop("train_batch_size", None), kwargs.pop("batch_size", None))
-    return {**kwargs, "batch_size": size} if size is not None else kwargs
-
-
-def _show_progress(progress: bool | None) -> bool:
-    return logging.is_progress_bar_enabled() if progress is None else progress
 
 
 def training_ids(
@@ -100,44 +78,6 @@ def training_ids(
     if ids.numel() == 0:
         raise ValueError("The training set is empty: there is no instance to score.")
     return ids
-
-
-def _target_rows(targets: Targets) -> list[dict[str, Any]]:
-    if isinstance(targets, datasets.Dataset):
-        return [dict(r) for r in python_format(targets)]
-    if isinstance(targets, Mapping):
-        return [dict(targets)]
-    return [dict(r) for r in targets]
-
-
-class _TargetPrep:
-    """Model inputs and labels of one row at a time; predicts the label when a row has none (and says so)."""
-
-    def __init__(self, scorer: TurnoverScorer, id_column: str):
-        self.scorer = scorer
-        self.names = model_input_names(scorer.model)
-        self.id_column = id_column
-        self.warned = False
-
-    def __call__(self, row: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        inputs = to_batch([row], self.names, self.scorer.device)
-        if not inputs:
-            raise ValueError(f"A target row has none of the model's inputs {self.names}; it has {list(row)}.")
-        column = label_column(list(row))
-        if column is not None and row[column] is not None:
-            return inputs, torch.as_tensor([row[column]], device=self.scorer.device)
-        if not self.warned:
-            logger.warning("Targets have no label: explaining the model's predicted label instead.")
-            self.warned = True
-        return inputs, predict(self.scorer, inputs).argmax(-1)
-
-
-@torch.inference_mode()
-def predict(scorer: TurnoverScorer, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of the full (unmasked) network."""
-    scorer.model.eval()
-    with scorer._autocast():
-        return logits_of(scorer.forward_fn(scorer.model, inputs)).float()
 
 
 @shardable
@@ -195,12 +135,12 @@ def estimate_influence(
         loss_fn=loss_fn, forward_fn=forward_fn, dtype=dtype, positions=positions,
     )  # fmt: skip
     ids = training_ids(model, train_dataset, train_ids, check_fingerprint)
-    rows = _target_rows(targets)
-    prep = _TargetPrep(scorer, scorer.config.id_column)
+    rows = target_rows(targets)
+    prep = TargetPrep(scorer, scorer.config.id_column)
     target_ids, train_out, scores = [], [], []
-    progress_bar = tqdm(total=len(rows), desc="Scoring targets", disable=not _show_progress(progress))
+    progress_bar = tqdm(total=len(rows), desc="Scoring targets", disable=not show_progress(progress))
     for index, vector in _score_targets(scorer, prep, rows, ids):
-        keep = _top_and_bottom(vector, top_k)
+        keep = top_and_bottom(vector, top_k)
         target_ids.append(
             np.full(len(keep), int(rows[index].get(scorer.config.id_column, index)), dtype=np.int64)
         )
@@ -214,12 +154,12 @@ def estimate_influence(
             "train_id": np.concatenate(train_out),
             "score": np.concatenate(scores),
         },
-        _arguments(model, scorer, "influence", ids, top_k),
+        run_arguments(model, scorer, "influence", ids, top_k),
     )
 
 
 def _score_targets(
-    scorer: TurnoverScorer, prep: _TargetPrep, rows: list[dict], ids: torch.Tensor, block: int = 32
+    scorer: TurnoverScorer, prep: TargetPrep, rows: list[dict], ids: torch.Tensor, block: int = 32
 ):
     """``(row index, scores (N,))`` per target; the linear method scores ``block`` targets per mask product."""
     if not isinstance(scorer, LinearScorer):
@@ -232,30 +172,6 @@ def _score_targets(
         for offset, vector in enumerate(matrix):
             scorer._warn_if_unmasked(vector)
             yield start + offset, vector
-
-
-def _top_and_bottom(vector: torch.Tensor, top_k: int | None) -> torch.Tensor:
-    if top_k is None or 2 * top_k >= len(vector):
-        return torch.argsort(vector, descending=True)
-    top = torch.topk(vector, top_k).indices
-    bottom = torch.topk(vector, top_k, largest=False).indices
-    return torch.cat([top, bottom.flip(0)])
-
-
-def _arguments(model: nn.Module, scorer: TurnoverScorer, kind: str, ids: torch.Tensor, top_k=None) -> dict:
-    recorded = recorded_fingerprint(model) or {}
-    return {
-        "kind": kind,
-        "variant": scorer.variant,
-        "method": getattr(scorer, "method", "exact"),
-        "turnover": scorer.config.to_dict(),
-        "training_fingerprint": recorded.get("sha256"),
-        "num_train_ids": int(ids.numel()),
-        "top_k": top_k,
-        "loss": getattr(scorer.loss_fn, "__name__", type(scorer.loss_fn).__name__),
-        "dtype": str(scorer.dtype) if scorer.dtype else None,
-        "model": type(model).__name__,
-    }
 
 
 @shardable
@@ -276,7 +192,7 @@ def mean_influence(
     forwards (``train_batch_size``: training ids per forward).
     """
     scorer, ids, rows, prep = mean_influence_setup(model, train_dataset, targets, kwargs)
-    bar = tqdm(rows, desc="Mean influence", disable=not _show_progress(progress))
+    bar = tqdm(rows, desc="Mean influence", disable=not show_progress(progress))
     if isinstance(scorer, LinearScorer):
         grads: dict[str, torch.Tensor] = {}
         for row in bar:
@@ -290,7 +206,7 @@ def mean_influence(
         total /= len(rows)
     return scores_dataset(
         {"train_id": ids.numpy(), "score": total.float().numpy()},
-        {**_arguments(model, scorer, "mean_influence", ids), "num_targets": len(rows)},
+        {**run_arguments(model, scorer, "mean_influence", ids), "num_targets": len(rows)},
     )
 
 
@@ -325,13 +241,14 @@ def self_influence(
         batches,
         total=math.ceil(len(ids) / batch_size),
         desc="Self-influence",
-        disable=not _show_progress(progress),
+        disable=not show_progress(progress),
     ):
         chunk = torch.from_numpy(order[start : start + len(rows)])
         scores[chunk] = scorer.self_scores(inputs, labels, ids_in_order[start : start + len(rows)])
         start += len(rows)
     return scores_dataset(
-        {"train_id": ids.numpy(), "score": scores.numpy()}, _arguments(model, scorer, "self_influence", ids)
+        {"train_id": ids.numpy(), "score": scores.numpy()},
+        run_arguments(model, scorer, "self_influence", ids),
     )
 
 
@@ -342,7 +259,7 @@ def self_influence_setup(
     ids, for self-influence in one process or across several."""
     check = kwargs.pop("check_fingerprint", True)
     train_dataset = check_dataset(train_dataset, "train_dataset")
-    scorer = make_scorer(model, kwargs.pop("method", "linear"), **_scorer_kwargs(kwargs))
+    scorer = make_scorer(model, kwargs.pop("method", "linear"), **scorer_kwargs(kwargs))
     ids = training_ids(model, train_dataset, None, check)
     if label_column(train_dataset.column_names) is None:
         raise ValueError(
@@ -353,12 +270,12 @@ def self_influence_setup(
 
 def mean_influence_setup(
     model: nn.Module, train_dataset: datasets.Dataset | None, targets: Targets, kwargs: dict[str, Any]
-) -> tuple[TurnoverScorer, torch.Tensor, list[dict[str, Any]], _TargetPrep]:
+) -> tuple[TurnoverScorer, torch.Tensor, list[dict[str, Any]], TargetPrep]:
     """The scorer (``kwargs``: ``method``, ``check_fingerprint``, ``train_ids`` and scorer options), the ids, the
     target rows and their preparation, for mean influence in one process or across several."""
     check = kwargs.pop("check_fingerprint", True)
     train_ids = kwargs.pop("train_ids", None)
-    scorer = make_scorer(model, kwargs.pop("method", "linear"), **_scorer_kwargs(kwargs))
+    scorer = make_scorer(model, kwargs.pop("method", "linear"), **scorer_kwargs(kwargs))
     ids = training_ids(model, train_dataset, train_ids, check)
-    rows = _target_rows(targets)
-    return scorer, ids, rows, _TargetPrep(scorer, scorer.config.id_column)
+    rows = target_rows(targets)
+    return scorer, ids, rows, TargetPrep(scorer, scorer.config.id_column)

@@ -52,6 +52,8 @@ from .model import add_turnover
 from .results import scores_dataset  # noqa: F401
 from .reuse import tail_entry  # noqa: F401
 from .scorer import TurnoverScorer  # noqa: F401
+from .scoring_steps import TargetPrep  # noqa: F401
+from .sharding import implements  # noqa: F401
 from .training_set import package_dir
 from .wide import wide_adapter_config
 

@@ -56,6 +56,8 @@ from .query_checks import content_ids, seen_tokens, token_warnings, unknown_shar
 from .results import scores_dataset  # noqa: F401
 from .reuse import tail_entry  # noqa: F401
 from .scorer import TurnoverScorer
+from .scoring_steps import TargetPrep  # noqa: F401
+from .sharding import implements  # noqa: F401
 from .training_set import INFO_FILE, TEXT_COLUMNS, load_training_set, save_training_set
 from .wide import wide_adapter_config  # noqa: F401
 

@@ -38,6 +38,8 @@ from .distributed import keep_candidates, merge_candidates, shard_scores
 from .inputs import label_column, padded_batches, python_format
 from .linear import LinearScorer, gradient_blocks, make_scorer
 from .results import METADATA_KEY, combine_scores, load_scores, save_scores, score_arguments, scores_dataset
+from .scoring_steps import TargetPrep, run_arguments, show_progress, target_rows
+from .scoring_steps import scorer_kwargs as steps_scorer_kwargs
 
 logger = logging.get_logger(__name__)
 
@@ -93,9 +95,9 @@ class ScoringRun:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}.")
         self.output_dir, self.model, self.kind, self.top_k = Path(output_dir), model, kind, top_k
         self.train = python_format(train_dataset)
-        self.rows = single._target_rows(targets) if targets is not None else []
+        self.rows = target_rows(targets) if targets is not None else []
         self.scorer = make_scorer(
-            model, scorer_kwargs.pop("method", "linear"), **single._scorer_kwargs(scorer_kwargs)
+            model, scorer_kwargs.pop("method", "linear"), **steps_scorer_kwargs(scorer_kwargs)
         )
         self.ids = single.training_ids(model, self.train, None, check=True)
         self.self_batch_size = self_batch_size
@@ -110,7 +112,7 @@ class ScoringRun:
         self.shard_size = shard_size
         self.num_shards = -(-len(self.ids) // shard_size)
         self.arguments = {
-            **single._arguments(model, self.scorer, kind, self.ids, top_k if kind == "influence" else None),
+            **run_arguments(model, self.scorer, kind, self.ids, top_k if kind == "influence" else None),
             "model_sha256": model_sha256(model),
             "targets_sha256": targets_sha256(self.rows),
             "num_targets": len(self.rows),
@@ -118,7 +120,7 @@ class ScoringRun:
             "shard_size": shard_size,
             **dict(extra_arguments or {}),
         }
-        self._prep = single._TargetPrep(self.scorer, self.scorer.config.id_column)
+        self._prep = TargetPrep(self.scorer, self.scorer.config.id_column)
         self._gradients: list[tuple[int, dict[str, torch.Tensor]]] | None = None
         self._warned = False
 
@@ -176,7 +178,7 @@ class ScoringRun:
         if main:
             atomic_write_text(self.output_dir / ARGUMENTS_FILE, json.dumps(self.arguments, indent=2) + "\n")
         mine = [i for i in range(rank, self.num_shards, world) if not self.shard_path(i).is_file()]
-        show = single._show_progress(progress) and main
+        show = show_progress(progress) and main
         for written, index in enumerate(tqdm(mine, desc=f"Scoring {self.kind}", disable=not show)):
             if stop_after is not None and written >= stop_after:
                 return False

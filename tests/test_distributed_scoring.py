@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PINNED
 
 from hf_turnover.distributed import merge_candidates, shard_range
 
@@ -17,7 +18,7 @@ ROOT = Path(__file__).parents[1]
 
 def launch(script: Path, *args: str, processes: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
     """``accelerate launch --multi_gpu --num_processes N script args`` on the CPU (gloo), PYTHONPATH = repo."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", **PINNED}
     cmd = [
         sys.executable,
         "-m",

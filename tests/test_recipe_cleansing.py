@@ -49,10 +49,10 @@ def cached_batch(parts, backbone: str, layers: int, labels=(1, 0, 1, 0)) -> dict
 
 @pytest.mark.parametrize("adapter_layers", [1, 2])
 def test_cached_model_equals_the_full_model(recipe, backbone, adapter_layers):
-    parts = recipe("cleansing_parts")
+    parts, model_part = recipe("cleansing_parts"), recipe("cleansing_model")
     args = types.SimpleNamespace(**{**vars(ADAPTERS), "adapter_layers": adapter_layers})
     torch.manual_seed(0)
-    cached = parts.adapter_classifier(args, backbone, 2, cached_layers=2 - adapter_layers).eval()
+    cached = model_part.adapter_classifier(args, backbone, 2, cached_layers=2 - adapter_layers).eval()
     for p in cached.parameters():  # adapters start as the identity: make them matter
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.1)
@@ -74,9 +74,9 @@ def test_cached_model_equals_the_full_model(recipe, backbone, adapter_layers):
 
 
 def test_peer_scores_are_what_they_claim(recipe, backbone):
-    parts, peers = recipe("cleansing_parts"), recipe("cleansing_peers")
+    parts, peers, model_part = recipe("cleansing_parts"), recipe("cleansing_peers"), recipe("cleansing_model")
     torch.manual_seed(0)
-    model = parts.adapter_classifier(ADAPTERS, backbone, 2, cached_layers=1).eval()
+    model = model_part.adapter_classifier(ADAPTERS, backbone, 2, cached_layers=1).eval()
     for p in model.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.1)
@@ -130,7 +130,7 @@ def test_cleansing_runs_end_to_end(recipe, backbone, tmp_path):
     options = {
         "model_name_or_path": backbone, "max_train_samples": 60, "max_validation_samples": 8, "max_test_samples": 20,
         "num_seeds": 2, "num_train_epochs": 1, "remove_fraction": 0.1, "per_device_train_batch_size": 16,
-        "adapter_layers": 1, "adapter_width": 24, "lower_adapter_width": 8, "max_seq_length": 16,
+        "adapter_layers": 1, "adapter_width": 24, "lower_adapter_width": 8, "max_length": 16,
         "peers": "gradient_dot,loss", "output_dir": out, "disable_tqdm": "true", "seed": 0,
     }  # fmt: skip
     results = recipe("cleansing").main([item for k, v in options.items() for item in (f"--{k}", str(v))])

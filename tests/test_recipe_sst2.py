@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PINNED
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from hf_turnover.data import load_bundled_dataset
@@ -49,10 +50,10 @@ def recipe_output(tmp_path_factory):
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     command += [str(ROOT / "recipes" / "sst2.py"), "--model_name_or_path", str(backbone)]
     command += ["--max_train_samples", "32", "--max_eval_samples", "24", "--num_train_epochs", "1"]
-    command += ["--per_device_train_batch_size", "8", "--max_seq_length", "24", "--adapter_top_layers", "1"]
+    command += ["--per_device_train_batch_size", "8", "--max_length", "24", "--adapter_top_layers", "1"]
     command += ["--num_explained", "2", "--top_k", "3", "--curve_subset", "8", "--curve_points", "2"]
     command += ["--output_dir", str(tmp / "out"), "--disable_tqdm", "true"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **PINNED}
     result = subprocess.run(command, env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return tmp / "out"
@@ -116,7 +117,7 @@ def test_lora_option_masks_the_rank_units(tmp_path, monkeypatch):
     backbone = make_backbone(tmp_path / "backbone")
     argv = ["--model_name_or_path", str(backbone), "--adapter_config", "lora", "--lora_r", "4"]
     argv += ["--adapter_top_layers", "0", "--max_train_samples", "24", "--max_eval_samples", "16"]
-    argv += ["--per_device_train_batch_size", "8", "--max_seq_length", "24", "--num_explained", "1"]
+    argv += ["--per_device_train_batch_size", "8", "--max_length", "24", "--num_explained", "1"]
     argv += ["--top_k", "2", "--curve_subset", "8", "--curve_points", "2", "--disable_tqdm", "true"]
     importlib.import_module("sst2").main([*argv, "--output_dir", str(tmp_path / "out")])
     results = json.loads((tmp_path / "out" / "results.json").read_text())

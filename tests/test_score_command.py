@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PINNED
 from hub_fixtures import make_trained
 from transformers import AutoModelForSequenceClassification
 
@@ -58,7 +59,7 @@ SENTENCES = ["w1 w2 w3", "w12 w13 w3 w4 w5", "w19"]
     [("influence", ["--top_k", "4"]), ("influence", ["--method", "linear"]), ("self_influence", []),
      ("mean_influence", ["--batch_size", "3"])],
 )  # fmt: skip
-def test_command_equals_the_library(saved, score, tmp_path, kind, extra):
+def test_command_equals_the_library(saved, score, tmp_path, kind, extra, one_thread):
     _, tokenizer, train, folder = saved
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()  # as the command loads it
     argv = [
@@ -104,8 +105,7 @@ TWO = ["--multi_gpu", "--num_processes", "2", "--num_cpu_threads_per_process", "
 
 
 def _launch(launch: list[str], argv: list[str], **popen) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env["MKL_CBWR"] = "AUTO,STRICT"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", **PINNED}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_machines", "1"]
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "recipes" / "score.py"), *argv]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, text=True, **popen)
