@@ -4,7 +4,7 @@ earlier commit, run one after the other on the same machine.
     python benchmarks/main_job_time.py --reference a9d0230 --output_json benchmarks/main_job_time.json
     python benchmarks/main_job_time.py --reference d3a0f3c --output_json benchmarks/main_job_time_d3a0f3c.json
 
-a9d0230 is main as it was when issue 12 asked for "at most 1.3x today's main job"; d3a0f3c is main after that
+a9d0230 is main on 2026-11-28, the reference of the 1.3x time budget; d3a0f3c is main after that
 issue's first stop (faster scoring, the same 4,000-sentence, one-layer job).
 
 The reference commit is checked out into a temporary git worktree and runs with its own code (``PYTHONPATH``

@@ -1,4 +1,4 @@
-"""Speed of turn-over influence scoring: issue 3, "Speed: compute only what depends on the masks".
+"""Speed of turn-over influence scoring: compute only what depends on the masks.
 
 Run from the repository root on an otherwise idle machine (CPU: about 6 minutes on 2 cores; the matmul peak
 is measured with the same thread count; ``--threads 1`` is steadier when other jobs share the cores):

@@ -302,7 +302,7 @@ class InfluencePipeline(Pipeline):
         (``turnover_reference.safetensors``), else computed once from the training set
         (:func:`~hf_turnover.explain.training_reference`, a few seconds) and written by ``save_pretrained``."""
         if self._reference is None:
-            self._reference = _load_reference(self.model)
+            self._reference = load_reference(self.model)
         if self._reference is None:
             logger.info("Computing the centered method's reference gradient from the training set.")
             self._reference = training_reference(
@@ -374,7 +374,7 @@ def _fingerprint(pipe: InfluencePipeline) -> dict[str, Any]:
     return training_fingerprint(pipe.train_dataset, pipe.model.turnover_config.id_column)
 
 
-def _load_reference(model: Any) -> dict[str, torch.Tensor] | None:
+def load_reference(model: Any) -> dict[str, torch.Tensor] | None:
     """The reference gradient saved beside the model (folder or Hub repo), or ``None``."""
     path = _file_beside(model, REFERENCE_FILE)
     return load_file(path) if path is not None else None

@@ -2,7 +2,7 @@
 
     accelerate launch recipes/score.py --sentences "A gorgeous, witty, seductive movie." --top_k 5
 
-scores the embedded default model (all-MiniLM-L6-v2 + adapters, 4,000 Rotten Tomatoes sentences) offline.
+scores the embedded default model (all-MiniLM-L6-v2 + adapters, 8,454 Rotten Tomatoes sentences) offline.
 Any model written by `save_turnover_model` / `push_turnover_model` (a folder or a Hub id) works:
 
     accelerate launch recipes/score.py --model_name_or_path outputs/sst2/model \
@@ -37,8 +37,10 @@ from transformers import AutoModelForSequenceClassification, HfArgumentParser
 import hf_turnover  # noqa: F401  (registers the turn-over model classes with transformers)
 from hf_turnover.default_model import DEFAULT_MODEL_DIR
 from hf_turnover.distributed import process_state
+from hf_turnover.explain import training_reference
 from hf_turnover.fingerprint import recorded_fingerprint
 from hf_turnover.pipeline_turnover import _backbone_tokenizer as backbone_tokenizer
+from hf_turnover.pipeline_turnover import load_reference
 from hf_turnover.scoring_run import KINDS, ScoringRun
 from hf_turnover.training_set import load_training_set
 
@@ -80,11 +82,14 @@ class ScoreArguments:
     max_targets: int | None = field(default=None, metadata={"help": "Score the first N targets only."})
     method: str = field(
         default="linear",
-        metadata={"help": "linear (first order, the default everywhere) or exact (the paper)."},
+        metadata={
+            "help": "linear (first order, the default everywhere), centered (linear minus a reference gradient: "
+            "the one saved beside the model, else computed from the training set) or exact (the paper)."
+        },
     )
     variant: str = field(default="own", metadata={"help": "own (the paper) or full (its footnote 4)."})
     top_k: int | None = field(default=None, metadata={"help": "Keep the top and bottom k per target."})
-    batch_size: int | None = field(
+    train_batch_size: int | None = field(
         default=None, metadata={"help": "Training ids per forward (default: sized to the input and device)."}
     )
     self_batch_size: int = field(default=64, metadata={"help": "Training rows per self-influence forward."})
@@ -146,11 +151,16 @@ def main(argv: list[str] | None = None) -> ScoringRun:
     targets = load_targets(args)
     if targets is not None:
         targets = tokenize(targets, tokenizer, args)
+    reference = None
+    if args.method == "centered":  # the reference shipped with the model, else one from the training set
+        reference = load_reference(model) or training_reference(
+            model, tokenizer, train, max_length=args.max_length
+        )
     started = time.time()
     run = ScoringRun(
         args.output_dir, model, train, targets, kind=args.kind, top_k=args.top_k, shard_size=args.shard_size,
         self_batch_size=args.self_batch_size, method=args.method, variant=args.variant,
-        train_batch_size=args.batch_size,
+        train_batch_size=args.train_batch_size, reference=reference,
     )  # fmt: skip
     run.run(state)
     if state is None or state.is_main_process:

@@ -57,7 +57,7 @@ SENTENCES = ["w1 w2 w3", "w12 w13 w3 w4 w5", "w19"]
 @pytest.mark.parametrize(
     "kind,extra",
     [("influence", ["--top_k", "4"]), ("influence", ["--method", "linear"]), ("self_influence", []),
-     ("mean_influence", ["--batch_size", "3"])],
+     ("mean_influence", ["--train_batch_size", "3"])],
 )  # fmt: skip
 def test_command_equals_the_library(saved, score, tmp_path, kind, extra, one_thread):
     _, tokenizer, train, folder = saved
@@ -166,7 +166,7 @@ def test_two_processes_and_a_killed_run(saved, tmp_path):
         _assert_identical(load_run(tmp_path / f"{kind}1"), load_run(tmp_path / f"{kind}2"))
 
     killed = tmp_path / "killed"
-    slow = argv + ["--output_dir", str(killed), "--shard_size", "1", "--batch_size", "1"]
+    slow = argv + ["--output_dir", str(killed), "--shard_size", "1", "--train_batch_size", "1"]
     process = _launch(TWO, slow, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while len(list((killed / "shards").glob("shard-*.parquet"))) < 3 and time.time() < deadline:
@@ -180,3 +180,26 @@ def test_two_processes_and_a_killed_run(saved, tmp_path):
     stamp = {p: p.stat().st_mtime_ns for p in killed.rglob("*.parquet")}
     _run(TWO, slow)  # finished: nothing is rewritten
     assert {p: p.stat().st_mtime_ns for p in killed.rglob("*.parquet")} == stamp
+
+
+def test_centered_uses_the_reference_saved_beside_the_model(saved, score, tmp_path):
+    """--method centered scores with the reference gradient that ships with the model: the linear scores minus
+    each training id's linear score under that reference, exactly as the library's centered method."""
+    from hf_turnover.pipeline_turnover import load_reference
+
+    model, tokenizer, train, path = saved
+    loaded = AutoModelForSequenceClassification.from_pretrained(path)
+    reference = load_reference(loaded)
+    assert reference is not None  # save_turnover_model writes it beside the model
+    argv = ["--model_name_or_path", str(path), "--kind", "influence", "--sentences", *SENTENCES]
+    score([*argv, "--method", "centered", "--output_dir", str(tmp_path / "centered")])
+    score([*argv, "--method", "linear", "--output_dir", str(tmp_path / "linear")])
+    centered, linear = (load_run(tmp_path / k) for k in ("centered", "linear"))
+    targets = [dict(tokenizer(s)) for s in SENTENCES]
+    expected = estimate_influence(
+        loaded, train, targets, method="centered", reference=reference, progress=False, check_fingerprint=False
+    )
+    np.testing.assert_allclose(
+        _table(centered, sort=True)["score"], _table(expected, sort=True)["score"], rtol=1e-5, atol=1e-6
+    )
+    assert not np.allclose(_table(centered, sort=True)["score"], _table(linear, sort=True)["score"])
