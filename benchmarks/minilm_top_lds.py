@@ -48,7 +48,7 @@ from minilm_lds import _f, methods_table, summarize_methods
 from transformers import AutoTokenizer
 
 from hf_turnover.atomic import atomic_write_text
-from hf_turnover.evaluation import random_half_subsets
+from hf_turnover.evaluation import random_half_subsets, seed_agreement
 from hf_turnover.model import get_turnover_config, turnover_layers
 
 SMOKE = {"num_train": 64, "num_targets": 3, "num_val": 64, "num_subsets": 4, "width": 32, "lower_width": 16,
@@ -77,6 +77,14 @@ class MiniLMTopArguments:
     learning_rate: float = field(default=3e-3, metadata={"help": "AdamW peak lr (no weight decay)."})
     num_train_epochs: int = field(default=1, metadata={"help": "Epochs."})
     warmup_ratio: float = field(default=0.06, metadata={"help": "Linear warm-up share of the steps."})
+    lr_schedule: str = field(
+        default="linear", metadata={"help": "After warm-up: 'linear' decay to zero or 'constant'."}
+    )
+    stability: bool = field(
+        default=False,
+        metadata={"help": "Also train a second model with seed + 1 (init, masks, minibatch order) and report how "
+                  "well each method's scores agree across the two (hf_turnover.evaluation.seed_agreement)."},
+    )  # fmt: skip
     batch_size: int = field(default=32, metadata={"help": "Training minibatch."})
     tracin_checkpoints: int = field(
         default=4, metadata={"help": "Evenly spaced TracIn checkpoints (0: no TracIn)."}
@@ -177,7 +185,8 @@ def score_peers(model, args, data, run, reference, labels_by_kind, total_steps) 
         for k, (state, end) in enumerate(zip(run.checkpoints, steps, strict=True)):
             begin = steps[k - 1] if k else 0  # the checkpoint stands for the steps since the previous one
             weight = sum(
-                top.lr_at(args.learning_rate, s, total_steps, args.warmup_ratio) for s in range(begin, end)
+                top.lr_at(args.learning_rate, s, total_steps, args.warmup_ratio, args.lr_schedule)
+                for s in range(begin, end)
             )
             M.load_params(model, state)  # the last one is the final weights: its dot products are known
             done = dots if end == total_steps else grad_dot(model, hidden_t, labels_by_kind, hidden, y)
@@ -207,6 +216,62 @@ def grad_check(model, data) -> dict:
             "grad_dot_scale": float(expected.abs().max())}  # fmt: skip
 
 
+def train_options(args, seed: int) -> dict:
+    return dict(lr=args.learning_rate, epochs=args.num_train_epochs, order_seed=seed + 1_000_003,
+                batch_size=args.batch_size, warmup_ratio=args.warmup_ratio, schedule=args.lr_schedule)  # fmt: skip
+
+
+def train_and_score(args, model, data, seed: int) -> tuple[dict, dict, dict]:
+    """Train ``model`` (on the cache, from its own init) and score turn-over and the peers on the targets; with
+    ``args.stability`` also the self-influence of the training set. Inside ``cut_bottom``."""
+    (hidden, y), (hidden_t, y_t) = data["train"], data["targets"]
+    n = len(y)
+    total_steps = args.num_train_epochs * math.ceil(n / args.batch_size)
+    init = M.snapshot(model)
+    run = top.train_top(model, init, hidden, y, checkpoint_steps=checkpoint_steps(args, total_steps),
+                        **train_options(args, seed))  # fmt: skip
+    reference = M.snapshot(model)
+    predicted = top.logits(model, hidden_t).argmax(-1)
+    result = {
+        "train_seconds": run.seconds, "train_steps": run.steps,
+        "val_accuracy": top.accuracy(model, *data["val"]), "test_accuracy": top.accuracy(model, *data["test"]),
+        "target_accuracy": float((predicted == y_t).float().mean()),
+        "trainable_parameters": int(sum(p.numel() for p in M.trainable(model).values())),
+    }  # fmt: skip
+    print(f"seed {seed}: val acc {result['val_accuracy']:.3f}, {run.seconds:.0f} s", flush=True)
+    methods = score_turnover(model, args, hidden_t, y_t, predicted, n, hidden)
+    labels = {"true": y_t, "predicted": predicted}
+    methods.update(score_peers(model, args, data, run, reference, labels, total_steps))
+    self_scores = {}
+    if args.stability:
+        self_scores["turn-over linear"] = top.turnover_self_influence(model, hidden, y)
+        if args.peers:
+            influence = M.TailLastLayerInfluence(model, top.pooled_features(model, hidden), y)
+            self_scores["influence function (last layer, exact)"] = influence.self_scores()
+    print(f"seed {seed}: scored", flush=True)
+    return result, methods, {"init": init, "predicted": predicted, "self": self_scores}
+
+
+def stability(args, data, below: int, methods: dict, first: dict) -> dict:
+    """Seed-to-seed agreement: a second model (seed + 1: init, masks, minibatch order) trained and scored as the
+    first; each method's scores of the same targets (true labels) and self-influence compared."""
+    model = build(args, args.seed + 1)
+    with top.cut_bottom(model, below):
+        result, second, extra = train_and_score(args, model, data, args.seed + 1)
+    agreement = {}
+    for name, m in methods.items():
+        if name == "random" or name not in second:
+            continue
+        row = seed_agreement(m["scores"]["true"], second[name]["scores"]["true"], top_k=10)
+        if name in first["self"]:
+            row["self_influence_spearman"] = seed_agreement(first["self"][name], extra["self"][name])[
+                "spearman"
+            ]
+        agreement[name] = row
+    return {"second_seed": {k: result[k] for k in ("val_accuracy", "test_accuracy", "train_seconds")},
+            "agreement": agreement}  # fmt: skip
+
+
 def run(args, model, tokenizer, s, data, below: int) -> dict:
     (hidden, y), (hidden_t, y_t) = data["train"], data["targets"]
     n = len(y)
@@ -215,40 +280,32 @@ def run(args, model, tokenizer, s, data, below: int) -> dict:
     for mode in ("full", "own", "flip"):
         assert check[mode] <= 1e-4 * max(check["logit_scale"], 1.0), f"cut model differs ({mode}): {check}"
     members = random_half_subsets(n, args.num_subsets, seed=args.seed + 1)
-    total_steps = args.num_train_epochs * math.ceil(n / args.batch_size)
-    train = dict(lr=args.learning_rate, epochs=args.num_train_epochs, order_seed=args.seed + 1_000_003,
-                 batch_size=args.batch_size, warmup_ratio=args.warmup_ratio)  # fmt: skip
     with top.cut_bottom(model, below):
-        init = M.snapshot(model)
-        ref_run = top.train_top(
-            model, init, hidden, y, checkpoint_steps=checkpoint_steps(args, total_steps), **train
-        )
+        result, methods, first = train_and_score(args, model, data, args.seed)
+        result["tail_check"] = check
         reference = M.snapshot(model)
-        predicted = top.logits(model, hidden_t).argmax(-1)
-        result = {
-            "tail_check": check, "train_seconds": ref_run.seconds, "train_steps": ref_run.steps,
-            "val_accuracy": top.accuracy(model, *data["val"]), "test_accuracy": top.accuracy(model, *data["test"]),
-            "target_accuracy": float((predicted == y_t).float().mean()),
-            "trainable_parameters": int(sum(p.numel() for p in M.trainable(model).values())),
-        }  # fmt: skip
-        print(f"reference: val acc {result['val_accuracy']:.3f}, {ref_run.seconds:.0f} s", flush=True)
-        methods = score_turnover(model, args, hidden_t, y_t, predicted, n, hidden)
-        print("turn-over scored", flush=True)
-        labels = {"true": y_t, "predicted": predicted}
-        methods.update(score_peers(model, args, data, ref_run, reference, labels, total_steps))
-        print("peers scored", flush=True)
         if args.smoke:
             result.update(grad_check(model, data))
         start, losses = time.perf_counter(), []
         for j, row in enumerate(members):  # LDS truth: same init, minibatch sequence, schedule and masks
-            top.train_top(model, init, hidden, y, members=row, **train)
+            top.train_top(model, first["init"], hidden, y, members=row, **train_options(args, args.seed))
             losses.append(top.target_losses(model, hidden_t, y_t))
             print(f"half {j + 1}/{len(members)}: {time.perf_counter() - start:.0f} s", flush=True)
         losses = np.stack(losses, axis=1)  # (T, J)
         result["lds_retrain_seconds"] = time.perf_counter() - start
         M.load_params(model, reference)
-    summarize_methods(result, methods, members, losses, predicted, y)
+    summarize_methods(result, methods, members, losses, first["predicted"], y)
+    if args.stability:
+        result["stability"] = stability(args, data, below, methods, first)
     return result
+
+
+def build(args, seed: int):
+    partial = args.masked_layers < args.top_layers  # else the library's default: every adapter_down
+    model = M.build_model(args.width, seed, top_layers=args.top_layers, lower_width=args.lower_width,
+                          target_modules=masked_target_modules(args) if partial else None)  # fmt: skip
+    top.no_dropout(model)
+    return model
 
 
 def _masked_note(a: dict) -> str:
@@ -279,7 +336,7 @@ def markdown(r: dict) -> str:
         f"{_masked_note(a)}) and on the classifier input. Trainable: the adapters and the classifier "
         f"({r['trainable_parameters']:,} parameters). Plain dropout off: turn-over is the only dropout.",
         f"* AdamW lr {a['learning_rate']:g} (no weight decay), {a['num_train_epochs']} epoch(s), batch "
-        f"{a['batch_size']}, linear schedule with {a['warmup_ratio']:.0%} warm-up, length-grouped minibatches "
+        f"{a['batch_size']}, {a.get('lr_schedule', 'linear')} schedule with {a['warmup_ratio']:.0%} warm-up, length-grouped minibatches "
         f"(`group_by_length`); fixed by `benchmarks/default_model_sweep.py`, not tuned here.",
         f"* N = {r['num_train']} sentences of the bundled `rotten_tomatoes` train split (seeded permutation); "
         f"{r['num_targets']} targets = first rows of a seeded permutation of the test split. Sentences truncated "
@@ -329,8 +386,32 @@ def markdown(r: dict) -> str:
         f"loss over the halves: {r['subset_loss_std_mean']:.3f}. Retraining the halves: "
         f"{r['lds_retrain_seconds'] / 60:.1f} min.",
         "",
+        *stability_lines(r),
     ]
     return "\n".join(lines)
+
+
+def stability_lines(r: dict) -> list[str]:
+    """The seed-to-seed agreement table (``--stability true``)."""
+    if "stability" not in r:
+        return []
+    st = r["stability"]
+    lines = [
+        "## Agreement across training seeds",
+        "",
+        f"A second model trained with seed {r['arguments']['seed'] + 1} (init, masks, minibatch order; val accuracy "
+        f"{st['second_seed']['val_accuracy']:.3f}), scored on the same targets (true labels). Per-target Spearman "
+        "of the N scores (mean ± SE), Spearman of the mean over targets (the cleansing ranking), overlap of the "
+        "top-10 helpful lists, Spearman of self-influence (`hf_turnover.evaluation.seed_agreement`).",
+        "",
+        "| method | pairwise Spearman | mean-influence Spearman | top-10 overlap | self-influence Spearman |",
+        "|---|---|---|---|---|",
+    ]
+    for name, a in st["agreement"].items():
+        self_rho = f"{a['self_influence_spearman']:.3f}" if "self_influence_spearman" in a else "–"
+        lines.append(f"| {name} | {a['pairwise_spearman']:.3f} ± {a['pairwise_spearman_se']:.3f} | "
+                     f"{a['mean_influence_spearman']:.3f} | {a['top_k_overlap']:.3f} | {self_rho} |")  # fmt: skip
+    return [*lines, ""]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -343,10 +424,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(M.backbone_path())
-    partial = args.masked_layers < args.top_layers  # else the library's default: every adapter_down
-    model = M.build_model(args.width, args.seed, top_layers=args.top_layers, lower_width=args.lower_width,
-                          target_modules=masked_target_modules(args) if partial else None)  # fmt: skip
-    top.no_dropout(model)
+    model = build(args, args.seed)
     below = top.frozen_below(model)
     t0 = time.perf_counter()
     s, data = load_data(args, model, tokenizer, below)

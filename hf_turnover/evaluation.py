@@ -80,6 +80,61 @@ def random_half_subsets(num_train: int, num_subsets: int, seed: int = 0, fractio
     return members
 
 
+def _row_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1 along the last axis (continuous scores: ties are left to the sort order)."""
+    return np.argsort(np.argsort(values, axis=-1, kind="stable"), axis=-1, kind="stable").astype(np.float64)
+
+
+def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman's rho of each row of ``a`` with the same row of ``b`` (NaN where a row is constant)."""
+    ra, rb = _row_ranks(a), _row_ranks(b)
+    ra -= ra.mean(-1, keepdims=True)
+    rb -= rb.mean(-1, keepdims=True)
+    denominator = np.sqrt((ra**2).sum(-1) * (rb**2).sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (ra * rb).sum(-1) / denominator, np.nan)
+
+
+def seed_agreement(scores_a: np.ndarray, scores_b: np.ndarray, top_k: int = 10) -> dict[str, float]:
+    """How much two influence estimates of the same targets and training set agree: the scores of two models
+    trained on the same data with different seeds (for turn-over, different mask seeds), so the answer a user
+    would get again after retraining.
+
+    ``scores_a``/``scores_b``: ``(T, N)`` pairwise scores (rows: targets, columns: the same training instances in
+    the same order; :func:`score_matrix` builds them), or ``(N,)`` per-instance scores such as self-influence.
+    Returns, for a matrix, ``pairwise_spearman`` (per-target Spearman, mean over targets) with its standard error,
+    ``mean_influence_spearman`` (Spearman of the mean over targets: the data-cleansing ranking) and
+    ``top_k_overlap`` (share of a target's ``top_k`` most helpful instances that both name, mean over targets);
+    for a vector, ``spearman`` and ``top_k_overlap`` of the vector itself.
+    """
+    a, b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim not in (1, 2):
+        raise ValueError(
+            f"seed_agreement needs two score arrays of one shape, (T, N) or (N,); got {a.shape} and {b.shape}."
+        )
+    if not 1 <= top_k <= a.shape[-1]:
+        raise ValueError(f"top_k={top_k} must lie in [1, {a.shape[-1]}] (the number of training instances).")
+
+    def overlap(x: np.ndarray, y: np.ndarray) -> float:
+        top_x = np.argsort(-x, axis=-1)[..., :top_k].reshape(-1, top_k)
+        top_y = np.argsort(-y, axis=-1)[..., :top_k].reshape(-1, top_k)
+        return float(np.mean([len(np.intersect1d(p, q)) / top_k for p, q in zip(top_x, top_y, strict=True)]))
+
+    if a.ndim == 1:
+        return {"spearman": float(_spearman_rows(a, b)), "top_k_overlap": overlap(a, b), "top_k": top_k}
+    rows = _spearman_rows(a, b)
+    rows = rows[~np.isnan(rows)]
+    return {
+        "pairwise_spearman": float(rows.mean()),
+        "pairwise_spearman_se": float(rows.std(ddof=1) / np.sqrt(len(rows)))
+        if len(rows) > 1
+        else float("nan"),
+        "mean_influence_spearman": float(_spearman_rows(a.mean(0), b.mean(0))),
+        "top_k_overlap": overlap(a, b),
+        "top_k": top_k,
+    }
+
+
 def explanation_checks(explanations: Sequence[dict], top_k: int | None = None) -> dict:
     """Two cheap checks of a model's explanations, without retraining (Hanawa et al. 2021, "Evaluation of
     similarity-based explanations"): the identical-class rate (the top helpful training instance carries the

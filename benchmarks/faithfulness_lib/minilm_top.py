@@ -30,12 +30,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import get_linear_schedule_with_warmup
+from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 import hf_turnover
 from hf_turnover import turnover_context
 from hf_turnover.evaluation import score_matrix
+from hf_turnover.linear import LinearScorer
 from hf_turnover.linear import reference_gradient as linear_reference_gradient
 from hf_turnover.reuse import keep_positions, tail_entry
 
@@ -212,8 +213,10 @@ def train_top(
     batch_size: int = 32,
     warmup_ratio: float = 0.06,
     checkpoint_steps: tuple[int, ...] = (),
+    schedule: str = "linear",
 ) -> M.TrainResult:
-    """Turn-over training of the (cut) model's trainable parameters from ``init``: AdamW, linear schedule.
+    """Turn-over training of the (cut) model's trainable parameters from ``init``: AdamW, warm-up, then a linear
+    decay to zero (``schedule="linear"``) or a constant lr (``"constant"``).
 
     The minibatch sequence and the lr schedule depend on ``order_seed`` and N only; with ``members`` (0/1 per
     row) non-members are dropped from each minibatch, so every subset model sees the same batches, minus the
@@ -223,9 +226,11 @@ def train_top(
     params = list(M.trainable(model).values())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     per_epoch = math.ceil(len(labels) / batch_size)
-    schedule = get_linear_schedule_with_warmup(
-        optimizer, math.ceil(warmup_ratio * epochs * per_epoch), epochs * per_epoch
-    )
+    warmup = math.ceil(warmup_ratio * epochs * per_epoch)
+    if schedule == "constant":
+        scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
+    else:
+        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, epochs * per_epoch)
     rng = torch.Generator().manual_seed(order_seed)
     keep = None if members is None else torch.as_tensor(members, dtype=torch.bool)
     cls_only = ClsOnly(model, hidden)
@@ -245,7 +250,7 @@ def train_top(
                 loss.backward()
                 optimizer.step()
                 out.steps += 1
-            schedule.step()  # every minibatch of the sequence, empty or not: the same lr per step for all
+            scheduler.step()  # every minibatch of the sequence, empty or not: the same lr per step for all
             batches += 1
             if batches in checkpoint_steps:
                 out.checkpoints.append(M.snapshot(model))
@@ -254,10 +259,15 @@ def train_top(
     return out
 
 
-def lr_at(lr: float, step: int, total: int, warmup_ratio: float) -> float:
-    """The linear schedule's lr after ``step`` minibatches (TracIn's checkpoint weights)."""
+def lr_at(lr: float, step: int, total: int, warmup_ratio: float, schedule: str = "linear") -> float:
+    """The schedule's lr after ``step`` minibatches (TracIn's checkpoint weights)."""
     warmup = math.ceil(warmup_ratio * total)
-    factor = step / max(1, warmup) if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+    if step < warmup:
+        factor = step / max(1, warmup)
+    elif schedule == "constant":
+        factor = 1.0
+    else:
+        factor = max(0.0, (total - step) / max(1, total - warmup))
     return lr * factor
 
 
@@ -292,6 +302,17 @@ def pooled_features(model, hidden: Hidden, chunk: int = 128) -> torch.Tensor:
             out[rows] = seen.pop()
     finally:
         handle.remove()
+    return out
+
+
+def turnover_self_influence(model, hidden: Hidden, labels: torch.Tensor, chunk: int = 64) -> np.ndarray:
+    """(N,) linearized ``I(z_i, z_i)`` of every cached training row (row i = instance i), as
+    :func:`hf_turnover.self_influence` with ``method="linear"``."""
+    scorer = LinearScorer(model)
+    out = np.empty(len(hidden))
+    for rows in hidden.chunks(chunk):
+        ids = torch.as_tensor(rows, dtype=torch.int64)
+        out[rows] = scorer.self_scores(hidden.batch(rows), labels[ids], ids).double().numpy()
     return out
 
 
