@@ -45,10 +45,7 @@ class NGramLMConfig(PretrainedConfig):
 
 
 class NGramLM(SmallPreTrainedModel):
-    """Bengio et al. (2003): concatenated context embeddings -> tanh hidden layers -> logits over the vocabulary.
-
-    Module names: ``embeddings``, ``hidden.{i}`` (nn.Linear), ``lm_head``.
-    """
+    """Bengio et al. (2003): context embeddings -> tanh hidden layers (``hidden.{i}``) -> ``lm_head`` logits."""
 
     config_class = NGramLMConfig
 
