@@ -11,9 +11,9 @@ Re-create it from a recipe run::
 
     accelerate launch recipes/sst2.py
     python -m hf_turnover.default_model outputs/sst2/model --lds_results \
-        benchmarks/results_minilm_top2/results.json benchmarks/results_minilm_top2_n8454/results.json
+        benchmarks/faithfulness/results_minilm_top2/results.json benchmarks/faithfulness/results_minilm_top2_n8454/results.json
 
-``--lds_results`` adds the linear datamodeling scores that ``benchmarks/minilm_top_lds.py`` measured for the
+``--lds_results`` adds the linear datamodeling scores that ``benchmarks/faithfulness/minilm_top_lds.py`` measured for the
 model's set-up (one or more reports) (its arguments must match the model's adapters) to the card's Faithfulness section.
 """
 
@@ -98,7 +98,7 @@ def export_default_model(
 
 
 def lds_rows(path: str | os.PathLike, model: torch.nn.Module) -> list[dict[str, Any]]:
-    """The LDS rows of a ``benchmarks/minilm_top_lds.py`` report, refused unless its set-up is the model's."""
+    """The LDS rows of a ``benchmarks/faithfulness/minilm_top_lds.py`` report, refused unless its set-up is the model's."""
     import json
 
     report = json.loads(Path(path).read_text())
@@ -114,7 +114,7 @@ def lds_rows(path: str | os.PathLike, model: torch.nn.Module) -> list[dict[str, 
     if widths != expected:
         raise ValueError(
             f"{path} measured adapters {expected} (layer, units), but the model has {widths}: its LDS would "
-            "describe another set-up. Run benchmarks/minilm_top_lds.py with the model's --top_layers, --width "
+            "describe another set-up. Run benchmarks/faithfulness/minilm_top_lds.py with the model's --top_layers, --width "
             "and --lower_width."
         )
     setting = f"N = {report['num_train']:,}, {report['num_targets']} targets, {args['num_subsets']} halves"
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         "--lds_results",
         nargs="*",
         default=None,
-        help="results.json files of benchmarks/minilm_top_lds.py for this set-up (card)",
+        help="results.json files of benchmarks/faithfulness/minilm_top_lds.py for this set-up (card)",
     )
     args = parser.parse_args(argv)
     path = export_default_model(args.model_dir, args.destination, lds_results=args.lds_results)

@@ -26,7 +26,7 @@ logger = logging.get_logger(__name__)
 
 VARIANTS = ("own", "full")
 # Rows x computed positions per forward when ``batch_size=None``. On the CPU about 4k keeps a tiny BERT's
-# activations in cache (larger chunks ran 1.4-1.7x slower in benchmarks/speed.py); a GPU wants larger ones.
+# activations in cache (larger chunks ran 1.4-1.7x slower in benchmarks/speed/speed.py); a GPU wants larger ones.
 ROW_POSITIONS_PER_FORWARD = {"cpu": 4096, "cuda": 131072}
 PROGRESS_CHUNKS = 8  # chunks of ids from which an exact score shows a progress bar by default
 

@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from hf_turnover.inputs import model_input_names
 
 PEERS = ("gradient_dot", "influence_function", "loss")
-IF_DAMPING = 0.01  # as benchmarks/faithfulness_lib/peers.py, fixed before looking at any result
+IF_DAMPING = 0.01  # as benchmarks/lib/faithfulness_lib/peers.py, fixed before looking at any result
 
 
 def _batches(data: datasets.Dataset, collator, batch_size: int) -> Iterator[tuple[np.ndarray, dict]]:

