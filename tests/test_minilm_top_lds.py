@@ -98,3 +98,34 @@ def test_chosen_turnover_methods_without_peers(tmp_path):
     assert [r["method"] for r in results["methods"]] == ["turn-over linear", "turn-over centered", "random"]
     assert "exact_vs_linear_spearman" not in results
     assert "(not run: --peers false)" in (tmp_path / "results.md").read_text()
+
+
+def test_stability_compares_a_second_seed(tmp_path):
+    """--stability true: a second seed is trained and every scored method (random aside) gets its agreement; the
+    exact last-layer influence function, a deterministic function of two similar models, agrees with itself far more
+    than turn-over does, whose masks change with the seed."""
+    sys.path[:0] = [str(BENCHMARKS), str(COMMON)]
+    import minilm_top_lds
+
+    results = minilm_top_lds.main(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--smoke",
+            "true",
+            "--stability",
+            "true",
+            "--turnover_methods",
+            "linear",
+        ]
+    )
+    agreement = results["stability"]["agreement"]
+    assert set(agreement) == {m["method"] for m in results["methods"]} - {"random"}
+    for row in agreement.values():
+        assert -1.0 <= row["pairwise_spearman"] <= 1.0 and 0.0 <= row["top_k_overlap"] <= 1.0
+    influence = agreement["influence function (last layer, exact)"]
+    assert (
+        "self_influence_spearman" in influence and "self_influence_spearman" in agreement["turn-over linear"]
+    )
+    assert influence["pairwise_spearman"] > agreement["turn-over linear"]["pairwise_spearman"] + 0.5
+    assert "## Agreement across training seeds" in (tmp_path / "results.md").read_text()

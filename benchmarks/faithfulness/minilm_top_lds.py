@@ -173,6 +173,8 @@ def score_peers(model, args, data, run, reference, labels_by_kind, total_steps) 
     scores, cost = measure(lambda: {k: influence.scores(x_t, v) for k, v in labels_by_kind.items()})
     out["influence function (last layer, exact)"] = {"scores": scores, "setup_s": setup.seconds,
                                                       "per_target_s": cost.seconds / len(hidden_t)}  # fmt: skip
+    if args.stability:  # self-influence, compared across seeds
+        out["influence function (last layer, exact)"]["self"] = influence.self_scores()
     dots, cost = measure(lambda: grad_dot(model, hidden_t, labels_by_kind, hidden, y))
     out["gradient dot product (final weights)"] = {
         "scores": dots,
@@ -243,31 +245,25 @@ def train_and_score(args, model, data, seed: int) -> tuple[dict, dict, dict]:
     methods = score_turnover(model, args, hidden_t, y_t, predicted, n, hidden)
     labels = {"true": y_t, "predicted": predicted}
     methods.update(score_peers(model, args, data, run, reference, labels, total_steps))
-    self_scores = {}
-    if args.stability:
-        self_scores["turn-over linear"] = top.turnover_self_influence(model, hidden, y)
-        if args.peers:
-            influence = M.TailLastLayerInfluence(model, top.pooled_features(model, hidden), y)
-            self_scores["influence function (last layer, exact)"] = influence.self_scores()
+    if args.stability and "turn-over linear" in methods:  # self-influence, compared across seeds
+        methods["turn-over linear"]["self"] = top.turnover_self_influence(model, hidden, y)
     print(f"seed {seed}: scored", flush=True)
-    return result, methods, {"init": init, "predicted": predicted, "self": self_scores}
+    return result, methods, {"init": init, "predicted": predicted}
 
 
-def stability(args, data, below: int, methods: dict, first: dict) -> dict:
+def stability(args, data, below: int, methods: dict) -> dict:
     """Seed-to-seed agreement: a second model (seed + 1: init, masks, minibatch order) trained and scored as the
     first; each method's scores of the same targets (true labels) and self-influence compared."""
     model = build(args, args.seed + 1)
     with top.cut_bottom(model, below):
-        result, second, extra = train_and_score(args, model, data, args.seed + 1)
+        result, second, _ = train_and_score(args, model, data, args.seed + 1)
     agreement = {}
     for name, m in methods.items():
         if name == "random" or name not in second:
             continue
         row = seed_agreement(m["scores"]["true"], second[name]["scores"]["true"], top_k=10)
-        if name in first["self"]:
-            row["self_influence_spearman"] = seed_agreement(first["self"][name], extra["self"][name])[
-                "spearman"
-            ]
+        if "self" in m:
+            row["self_influence_spearman"] = seed_agreement(m["self"], second[name]["self"])["spearman"]
         agreement[name] = row
     return {"second_seed": {k: result[k] for k in ("val_accuracy", "test_accuracy", "train_seconds")},
             "agreement": agreement}  # fmt: skip
@@ -297,7 +293,7 @@ def run(args, model, tokenizer, s, data, below: int) -> dict:
         M.load_params(model, reference)
     summarize_methods(result, methods, members, losses, first["predicted"], y)
     if args.stability:
-        result["stability"] = stability(args, data, below, methods, first)
+        result["stability"] = stability(args, data, below, methods)
     return result
 
 
