@@ -1,0 +1,333 @@
+"""The explanation frontier of the default model's design: LDS and seed agreement of turn-over influence against
+training seconds, for the levers epochs, lr schedule, masked width and K averaged turn-over models, with the peers
+(last-layer influence function, gradient dot product) on the same models and targets.
+
+    nice -n 10 python benchmarks/faithfulness/frontier.py --output_dir benchmarks/faithfulness/results_frontier \
+        --points "width=1536,epochs=1,lr=3e-3,schedule=linear;width=16384,epochs=1,lr=1e-3,schedule=linear"
+
+Smoke run (what tests/test_frontier.py runs): ``--output_dir /tmp/frontier --smoke true``.
+
+Each point (``;``-separated; keys ``width``, ``epochs``, ``lr``, ``schedule``, ``lower_width``) is the set-up of
+``minilm_top_lds.py`` (all-MiniLM-L6-v2 frozen, ``seq_bn`` adapters in the top two layers, masks on both adapters
+and the classifier input, AdamW, length-grouped minibatches, trained on the cached frozen layers). Per point:
+
+* ``2 * max_models`` models trained with seeds 0, 1, ... (init, masks, minibatch order);
+* the scores of K models averaged (K = 1, 2, 4, ... ``max_models``; K models are K turn-over heads on one frozen
+  body): LDS against ``num_subsets`` halves retrained from seed 0's init, minibatches and masks; the
+  identical-class test on the averaged models' predicted labels; seed agreement of models 0..K-1 against K..2K-1
+  (``hf_turnover.evaluation.seed_agreement``);
+* the peers on models 0 and 1: LDS against the same halves, the identical-class test, seed agreement.
+
+Writes ``results.json``, ``results.md`` and ``frontier.png`` (LDS and mean-influence seed agreement against
+training seconds) to ``--output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import _paths  # noqa: F401  (benchmarks/lib on sys.path)
+import numpy as np
+import torch
+from bench_common import parse_benchmark_arguments
+from faithfulness_lib import minilm as M
+from faithfulness_lib import minilm_top as top
+from faithfulness_lib.minilm_top_grads import grad_dot
+from minilm_lds import lds_with_se
+from minilm_top_lds import MiniLMTopArguments, build, load_data, train_options
+from transformers import AutoTokenizer
+
+from hf_turnover.atomic import atomic_write_text
+from hf_turnover.evaluation import random_half_subsets, seed_agreement
+
+SMOKE = {"num_train": 64, "num_targets": 3, "num_val": 64, "num_subsets": 3, "max_models": 2,
+         "points": "width=32,lower_width=16,epochs=1,lr=3e-3,schedule=linear", "cache_to_disk": False}  # fmt: skip
+KEYS = {"width": int, "lower_width": int, "epochs": int, "lr": float, "schedule": str}
+
+
+@dataclass
+class FrontierArguments:
+    output_dir: str = field(default="benchmarks/faithfulness/results_frontier", metadata={"help": "Results."})
+    points: str = field(
+        default="width=1536,epochs=1,lr=3e-3,schedule=linear",
+        metadata={"help": "';'-separated set-ups, each 'key=value,...' of width, lower_width, epochs, lr, schedule."},
+    )  # fmt: skip
+    num_train: int = field(default=8454, metadata={"help": "Training sentences N."})
+    num_targets: int = field(default=100, metadata={"help": "Held-out test-split targets."})
+    num_val: int | None = field(default=None, metadata={"help": "Validation sentences for accuracy (all)."})
+    num_subsets: int = field(default=16, metadata={"help": "Random halves retrained on (LDS), per point."})
+    max_models: int = field(default=4, metadata={"help": "Largest K; 2K models are trained per point."})
+    peers: bool = field(default=True, metadata={"help": "Influence function and gradient dot product."})
+    cache_to_disk: bool = field(default=True, metadata={"help": "Keep the frozen-layer cache in ~/.cache."})
+    threads: int = field(default=1, metadata={"help": "torch threads."})
+    smoke: bool = field(default=False, metadata={"help": "Tiny settings (N=64, 3 targets, 3 halves, K<=2)."})
+    merge: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated output dirs of earlier runs (same N, targets and halves, e.g. points "
+                  "run in parallel processes): train nothing, write their points' report and plot together."},
+    )  # fmt: skip
+
+
+def parse_points(text: str) -> list[dict]:
+    """``"width=1536,epochs=1;..."`` -> one dict per point, values typed; unknown keys are an error."""
+    points = []
+    for chunk in filter(None, (c.strip() for c in text.split(";"))):
+        point = {}
+        for item in chunk.split(","):
+            key, _, value = item.partition("=")
+            if key.strip() not in KEYS or not value:
+                raise ValueError(f"--points: {item!r} is not key=value with a key of {sorted(KEYS)}.")
+            point[key.strip()] = KEYS[key.strip()](value)
+        points.append(point)
+    if not points:
+        raise ValueError("--points names no set-up; e.g. 'width=1536,epochs=1,lr=3e-3,schedule=linear'.")
+    return points
+
+
+def setup_arguments(args: FrontierArguments, point: dict) -> MiniLMTopArguments:
+    base = MiniLMTopArguments(num_train=args.num_train, num_targets=args.num_targets, num_val=args.num_val,
+                              cache_to_disk=args.cache_to_disk, threads=args.threads, smoke=args.smoke)  # fmt: skip
+    names = {"epochs": "num_train_epochs", "lr": "learning_rate", "schedule": "lr_schedule"}
+    out = replace(base, **{names.get(k, k): v for k, v in point.items()})
+    out.masked_layers = out.top_layers
+    return out
+
+
+def label_scores(model, hidden_t, n: int, method: str = "linear") -> np.ndarray:
+    """(2, T, N): every target's scores under label 0 and label 1 (the averaged models' prediction picks one)."""
+    t = len(hidden_t)
+    return np.stack([top.turnover_scores(model, hidden_t, torch.full((t,), c), n, method) for c in (0, 1)])
+
+
+def pick(by_label: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return by_label[labels, np.arange(len(labels))]
+
+
+def peer_scores(model, data, labels_true: np.ndarray, predicted: np.ndarray) -> dict:
+    (hidden, y), (hidden_t, _) = data["train"], data["targets"]
+    x_train, x_t = top.pooled_features(model, hidden), top.pooled_features(model, hidden_t)
+    start = time.perf_counter()
+    influence = M.TailLastLayerInfluence(model, x_train, y)
+    labels = {"true": torch.as_tensor(labels_true), "predicted": torch.as_tensor(predicted)}
+    out = {"influence function (last layer, exact)": {k: influence.scores(x_t, v) for k, v in labels.items()}}
+    out["influence function (last layer, exact)"]["seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    out["gradient dot product (final weights)"] = grad_dot(model, hidden_t, labels, hidden, y)
+    out["gradient dot product (final weights)"]["seconds"] = time.perf_counter() - start
+    return out
+
+
+def train_models(a: MiniLMTopArguments, data, below: int, count: int, peers: bool) -> list[dict]:
+    """``count`` models (seeds 0..count-1) trained and scored; model 0 keeps its init and model for the halves."""
+    (hidden, y), (hidden_t, y_t) = data["train"], data["targets"]
+    out = []
+    for seed in range(count):
+        model = build(a, seed)
+        with top.cut_bottom(model, below):
+            init = M.snapshot(model)
+            run = top.train_top(model, init, hidden, y, **train_options(a, seed))
+            logits = top.logits(model, hidden_t)
+            start = time.perf_counter()
+            by_label = label_scores(model, hidden_t, len(y))
+            row = {"seed": seed, "train_seconds": run.seconds, "score_seconds": time.perf_counter() - start,
+                   "val_logits": top.logits(model, data["val"][0]), "target_logits": logits, "scores": by_label}  # fmt: skip
+            if seed < 2 and peers:
+                row["peers"] = peer_scores(model, data, y_t.numpy(), logits.argmax(-1).numpy())
+        if seed == 0:
+            row["model"], row["init"] = model, init
+        print(f"  seed {seed}: {run.seconds:.0f} s, val acc "
+              f"{float((row['val_logits'].argmax(-1) == data['val'][1]).float().mean()):.3f}", flush=True)  # fmt: skip
+        out.append(row)
+    return out
+
+
+def halves_losses(a: MiniLMTopArguments, data, below: int, first: dict, members: np.ndarray) -> np.ndarray:
+    (hidden, y), (hidden_t, y_t) = data["train"], data["targets"]
+    model, losses = first["model"], []
+    with top.cut_bottom(model, below):
+        for j, row in enumerate(members):
+            top.train_top(model, first["init"], hidden, y, members=row, **train_options(a, 0))
+            losses.append(top.target_losses(model, hidden_t, y_t))
+            print(f"  half {j + 1}/{len(members)}", flush=True)
+    return np.stack(losses, axis=1)
+
+
+def evaluate_point(args, a, data, below: int, members: np.ndarray) -> dict:
+    y, y_t, y_val = data["train"][1].numpy(), data["targets"][1].numpy(), data["val"][1].numpy()
+    models = train_models(a, data, below, 2 * args.max_models, args.peers)
+    start = time.perf_counter()
+    losses = halves_losses(a, data, below, models[0], members)
+    retrain_seconds = time.perf_counter() - start
+    rows = []
+    for k in sorted({1, *[2**i for i in range(1, 8) if 2**i <= args.max_models], args.max_models}):
+        group, other = models[:k], models[k : 2 * k]
+        val_pred = torch.stack([m["val_logits"] for m in group]).mean(0).argmax(-1).numpy()
+        predicted = torch.stack([m["target_logits"] for m in group]).mean(0).argmax(-1).numpy()
+        mean = np.mean([m["scores"] for m in group], axis=0)
+        lds, se = lds_with_se(pick(mean, y_t), members, losses)
+        row = {"method": "turn-over linear", "models": k, "lds": lds, "lds_se": se,
+               "val_accuracy": float((val_pred == y_val).mean()),
+               "train_seconds": float(sum(m["train_seconds"] for m in group)),
+               "per_target_s": float(sum(m["score_seconds"] for m in group)) / (2 * len(y_t)),
+               **M.identical_class(pick(mean, predicted), predicted, y)}  # fmt: skip
+        if len(other) == k:
+            row["agreement"] = seed_agreement(
+                pick(mean, y_t), pick(np.mean([m["scores"] for m in other], 0), y_t)
+            )
+        rows.append(row)
+    if "peers" in models[0]:
+        predicted = models[0]["target_logits"].argmax(-1).numpy()
+        for name, first in models[0]["peers"].items():
+            lds, se = lds_with_se(first["true"], members, losses)
+            rows.append({"method": name, "models": 1, "lds": lds, "lds_se": se, "val_accuracy": rows[0]["val_accuracy"],
+                         "train_seconds": models[0]["train_seconds"], "setup_s": first["seconds"],
+                         **M.identical_class(first["predicted"], predicted, y),
+                         "agreement": seed_agreement(first["true"], models[1]["peers"][name]["true"])})  # fmt: skip
+    return {
+        "rows": rows,
+        "retrain_seconds": retrain_seconds,
+        "subset_loss_std_mean": float(losses.std(1).mean()),
+    }
+
+
+def label(point: dict) -> str:
+    return f"W={point['width']}, {point['epochs']} ep, lr {point['lr']:g} {point['schedule']}"
+
+
+def markdown(r: dict) -> str:
+    lines = [
+        "# Frontier: turn-over influence on the default model's design against training seconds",
+        "",
+        f"Written by `benchmarks/faithfulness/frontier.py`. Command: `{r['command']}`",
+        f"Wall time {r['wall_seconds'] / 60:.1f} min on {r['machine']} ({r['arguments']['threads']} torch thread(s), "
+        f"other jobs running). N = {r['num_train']}, {r['num_targets']} held-out targets, "
+        f"{r['arguments']['num_subsets']} halves per point (`random_half_subsets(N, J, seed=1)`).",
+        "",
+        "Set-up: all-MiniLM-L6-v2 (frozen) + `seq_bn` adapters in the top two layers (W units in the top one, "
+        "masked, as the one below and the classifier input), AdamW, batch 32, 6% warm-up, length-grouped "
+        "minibatches, trained on the cached output of layer 3. K models = the turn-over scores of K models (seeds "
+        "0..K-1: init, masks, minibatch order) averaged, their logits averaged for the prediction. LDS: against "
+        "halves retrained from seed 0's init, minibatches and masks (so K > 1 is scored against one model's "
+        "retraining). Seed agreement: models 0..K-1 against K..2K-1 (peers: model 0 against model 1); pairwise = "
+        "per-target Spearman of the N scores, mean influence = Spearman of the mean over targets (the cleansing "
+        "ranking). Training seconds: the K models together, on the cache.",
+        "",
+        "| set-up | method | K | val acc | train s | LDS | helpful top-1 same class | pairwise Spearman | "
+        "mean-influence Spearman | top-10 overlap |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for p in r["points"]:
+        for row in p["rows"]:
+            ag = row.get("agreement")
+            cells = (f"{ag['pairwise_spearman']:.3f} | {ag['mean_influence_spearman']:.3f} | {ag['top_k_overlap']:.3f}"
+                     if ag else "– | – | –")  # fmt: skip
+            lines.append(f"| {label(p['point'])} | {row['method']} | {row['models']} | {row['val_accuracy']:.3f} | "
+                         f"{row['train_seconds']:.0f} | {row['lds']:.3f} ± {row['lds_se']:.3f} | "
+                         f"{row['helpful_same_class']:.2f} | {cells} |")  # fmt: skip
+    return "\n".join([*lines, ""])
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for p in r["points"]:
+        turn = [row for row in p["rows"] if row["method"].startswith("turn-over")]
+        x = [row["train_seconds"] for row in turn]
+        (line,) = axes[0].plot(x, [row["lds"] for row in turn], "o-", label=label(p["point"]))
+        agreed = [row for row in turn if "agreement" in row]
+        axes[1].plot([row["train_seconds"] for row in agreed],
+                     [row["agreement"]["mean_influence_spearman"] for row in agreed], "o-", color=line.get_color())  # fmt: skip
+        for row, marker in zip(
+            (row for row in p["rows"] if not row["method"].startswith("turn-over")), "sD", strict=False
+        ):
+            axes[0].plot(row["train_seconds"], row["lds"], marker, color=line.get_color(), mfc="none")
+            axes[1].plot(row["train_seconds"], row["agreement"]["mean_influence_spearman"], marker,
+                         color=line.get_color(), mfc="none")  # fmt: skip
+    axes[0].set(xscale="log", xlabel="training seconds (K models)", ylabel="LDS", title="Faithfulness")
+    axes[1].set(xscale="log", xlabel="training seconds (K models)", ylabel="Spearman, mean influence",
+                title="Agreement across seeds")  # fmt: skip
+    axes[0].legend(
+        fontsize=7, title="turn-over, K = 1, 2, 4...: o-; peers: s IF, D grad dot", title_fontsize=7
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(results: dict, out: Path) -> None:
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    report = markdown(results)
+    atomic_write_text(out / "results.md", report)
+    plot(results, out / "frontier.png")
+    print(report, flush=True)
+
+
+def merge(args: FrontierArguments, out: Path) -> dict:
+    """One report of several runs' points; their N, targets and halves must match."""
+    runs = [json.loads((Path(d) / "results.json").read_text()) for d in args.merge.split(",") if d]
+    keys = ("num_train", "num_targets")
+    for r in runs[1:]:
+        same = (
+            all(r[k] == runs[0][k] for k in keys)
+            and r["arguments"]["num_subsets"] == runs[0]["arguments"]["num_subsets"]
+        )
+        if not same:
+            raise ValueError(
+                f"--merge: {r['command']!r} differs from {runs[0]['command']!r} in N, targets or halves."
+            )
+    merged = {**runs[0], "points": [p for r in runs for p in r["points"]],
+              "command": " && ".join(r["command"] for r in runs) + f" (merged with --merge {args.merge})",
+              "wall_seconds": max(r.get("wall_seconds", 0.0) for r in runs)}  # fmt: skip
+    write_report(merged, out)
+    return merged
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_benchmark_arguments(FrontierArguments, argv, SMOKE)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        return merge(args, out)
+    points = parse_points(args.points)
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(M.backbone_path())
+    first = setup_arguments(args, points[0])
+    model = build(first, 0)
+    below = top.frozen_below(model)
+    _, data = load_data(first, model, tokenizer, below)
+    del model
+    members = random_half_subsets(len(data["train"][1]), args.num_subsets, seed=1)
+    results = {
+        "arguments": asdict(args), "machine": f"{platform.machine()} CPU, torch {torch.__version__}",
+        "command": "python benchmarks/faithfulness/frontier.py "
+        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "num_train": len(data["train"][1]), "num_targets": len(data["targets"][1]), "points": [],
+    }  # fmt: skip
+    for point in points:
+        a = setup_arguments(args, point)
+        full = {
+            "width": a.width,
+            "epochs": a.num_train_epochs,
+            "lr": a.learning_rate,
+            "schedule": a.lr_schedule,
+        }
+        print(label(full), flush=True)
+        results["points"].append({"point": full, **evaluate_point(args, a, data, below, members)})
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2))  # a finished point is kept
+    results["wall_seconds"] = time.perf_counter() - start
+    write_report(results, out)
+    return results
+
+
+if __name__ == "__main__":
+    main()

