@@ -30,7 +30,11 @@ def test_rows_per_k_and_peers(frontier):
     # K = 2 trains twice the seconds of K = 1 (two models), and each K has its seed agreement
     assert turn[1]["train_seconds"] > turn[0]["train_seconds"]
     for row in point["rows"]:
-        assert -1.0 <= row["lds"] <= 1.0 and 0.0 <= row["helpful_same_class"] <= 1.0
+        assert (
+            -1.0 <= row["lds"] <= 1.0
+            and 0.0 <= row["helpful_same_class"] <= 1.0
+            and row["lds_halves_se"] >= 0.0
+        )
         assert -1.0 <= row["agreement"]["mean_influence_spearman"] <= 1.0
     peers = {r["method"]: r for r in point["rows"] if r["method"] != "turn-over linear"}
     assert set(peers) == {"influence function (last layer, exact)", "gradient dot product (final weights)"}

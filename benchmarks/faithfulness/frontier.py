@@ -39,6 +39,7 @@ from bench_common import parse_benchmark_arguments
 from faithfulness_lib import minilm as M
 from faithfulness_lib import minilm_top as top
 from faithfulness_lib.minilm_top_grads import grad_dot
+from faithfulness_lib.report import lds
 from minilm_lds import lds_with_se
 from minilm_top_lds import MiniLMTopArguments, build, load_data, train_options
 from transformers import AutoTokenizer
@@ -170,8 +171,9 @@ def evaluate_point(args, a, data, below: int, members: np.ndarray) -> dict:
         val_pred = torch.stack([m["val_logits"] for m in group]).mean(0).argmax(-1).numpy()
         predicted = torch.stack([m["target_logits"] for m in group]).mean(0).argmax(-1).numpy()
         mean = np.mean([m["scores"] for m in group], axis=0)
-        lds, se = lds_with_se(pick(mean, y_t), members, losses)
-        row = {"method": "turn-over linear", "models": k, "lds": lds, "lds_se": se,
+        value, se = lds_with_se(pick(mean, y_t), members, losses)
+        row = {"method": "turn-over linear", "models": k, "lds": value, "lds_se": se,
+               "lds_halves_se": lds_halves_se(pick(mean, y_t), members, losses),
                "val_accuracy": float((val_pred == y_val).mean()),
                "train_seconds": float(sum(m["train_seconds"] for m in group)),
                "per_target_s": float(sum(m["score_seconds"] for m in group)) / (2 * len(y_t)),
@@ -184,8 +186,10 @@ def evaluate_point(args, a, data, below: int, members: np.ndarray) -> dict:
     if "peers" in models[0]:
         predicted = models[0]["target_logits"].argmax(-1).numpy()
         for name, first in models[0]["peers"].items():
-            lds, se = lds_with_se(first["true"], members, losses)
-            rows.append({"method": name, "models": 1, "lds": lds, "lds_se": se, "val_accuracy": rows[0]["val_accuracy"],
+            value, se = lds_with_se(first["true"], members, losses)
+            rows.append({"method": name, "models": 1, "lds": value, "lds_se": se,
+                         "lds_halves_se": lds_halves_se(first["true"], members, losses),
+                         "val_accuracy": rows[0]["val_accuracy"],
                          "train_seconds": models[0]["train_seconds"], "setup_s": first["seconds"],
                          **M.identical_class(first["predicted"], predicted, y),
                          "agreement": seed_agreement(first["true"], models[1]["peers"][name]["true"])})  # fmt: skip
@@ -194,6 +198,14 @@ def evaluate_point(args, a, data, below: int, members: np.ndarray) -> dict:
         "retrain_seconds": retrain_seconds,
         "subset_loss_std_mean": float(losses.std(1).mean()),
     }
+
+
+def lds_halves_se(scores: np.ndarray, members: np.ndarray, losses: np.ndarray) -> float:
+    """Jackknife standard error of the LDS over the retrained halves (leave one half out). The targets share their
+    halves, so the usual error over targets misses how much the LDS depends on which halves were drawn."""
+    j = len(members)
+    values = np.array([lds(scores, np.delete(members, k, 0), np.delete(losses, k, 1)) for k in range(j)])
+    return float(np.sqrt((j - 1) / j * ((values - values.mean()) ** 2).sum()))
 
 
 def label(point: dict) -> str:
@@ -218,7 +230,7 @@ def markdown(r: dict) -> str:
         "per-target Spearman of the N scores, mean influence = Spearman of the mean over targets (the cleansing "
         "ranking). Training seconds: the K models together, on the cache.",
         "",
-        "| set-up | method | K | val acc | train s | LDS | helpful top-1 same class | pairwise Spearman | "
+        "| set-up | method | K | val acc | train s | LDS ± SE over targets (± jackknife SE over halves) | helpful top-1 same class | pairwise Spearman | "
         "mean-influence Spearman | top-10 overlap |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
@@ -228,7 +240,7 @@ def markdown(r: dict) -> str:
             cells = (f"{ag['pairwise_spearman']:.3f} | {ag['mean_influence_spearman']:.3f} | {ag['top_k_overlap']:.3f}"
                      if ag else "– | – | –")  # fmt: skip
             lines.append(f"| {label(p['point'])} | {row['method']} | {row['models']} | {row['val_accuracy']:.3f} | "
-                         f"{row['train_seconds']:.0f} | {row['lds']:.3f} ± {row['lds_se']:.3f} | "
+                         f"{row['train_seconds']:.0f} | {row['lds']:.3f} ± {row['lds_se']:.3f} (halves ± {row['lds_halves_se']:.3f}) | "
                          f"{row['helpful_same_class']:.2f} | {cells} |")  # fmt: skip
     return "\n".join([*lines, ""])
 
@@ -244,6 +256,8 @@ def plot(r: dict, path: Path) -> None:
         turn = [row for row in p["rows"] if row["method"].startswith("turn-over")]
         x = [row["train_seconds"] for row in turn]
         (line,) = axes[0].plot(x, [row["lds"] for row in turn], "o-", label=label(p["point"]))
+        axes[0].errorbar(x, [row["lds"] for row in turn], yerr=[row["lds_halves_se"] for row in turn], fmt="none",
+                         ecolor=line.get_color(), alpha=0.5)  # fmt: skip
         agreed = [row for row in turn if "agreement" in row]
         axes[1].plot([row["train_seconds"] for row in agreed],
                      [row["agreement"]["mean_influence_spearman"] for row in agreed], "o-", color=line.get_color())  # fmt: skip
