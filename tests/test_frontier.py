@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks" / "faithfulness"
@@ -29,14 +30,17 @@ def test_rows_per_k_and_peers(frontier):
     assert [r["models"] for r in turn] == [1, 2]
     # K = 2 trains twice the seconds of K = 1 (two models), and each K has its seed agreement
     assert turn[1]["train_seconds"] > turn[0]["train_seconds"]
-    for row in point["rows"]:
+    *rows, baseline = point["rows"]
+    assert baseline["method"].startswith("label match") and -1.0 <= baseline["lds"] <= 1.0
+    assert np.asarray(point["target_losses"]).shape == (3, 3)  # (targets, halves)
+    for row in rows:
         assert (
             -1.0 <= row["lds"] <= 1.0
             and 0.0 <= row["helpful_same_class"] <= 1.0
             and row["lds_halves_se"] >= 0.0
         )
         assert -1.0 <= row["agreement"]["mean_influence_spearman"] <= 1.0
-    peers = {r["method"]: r for r in point["rows"] if r["method"] != "turn-over linear"}
+    peers = {r["method"]: r for r in rows if r["method"] != "turn-over linear"}
     assert set(peers) == {"influence function (last layer, exact)", "gradient dot product (final weights)"}
     # the exact influence function of two similar models agrees with itself far more than turn-over's masks do
     influence = peers["influence function (last layer, exact)"]["agreement"]["pairwise_spearman"]
@@ -48,7 +52,7 @@ def test_rows_per_k_and_peers(frontier):
 def test_merge_joins_runs_and_refuses_mismatches(frontier, tmp_path):
     module, out, results = frontier
     merged = module.main(["--output_dir", str(tmp_path / "m"), "--merge", f"{out},{out}"])
-    assert len(merged["points"]) == 2 and merged["points"][0] == results["points"][0]
+    assert len(merged["points"]) == 2 and json.dumps(merged["points"][0]) == json.dumps(results["points"][0])
     other = tmp_path / "other"
     other.mkdir()
     changed = dict(json.loads((out / "results.json").read_text()), num_train=65)

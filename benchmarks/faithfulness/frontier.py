@@ -193,11 +193,25 @@ def evaluate_point(args, a, data, below: int, members: np.ndarray) -> dict:
                          "train_seconds": models[0]["train_seconds"], "setup_s": first["seconds"],
                          **M.identical_class(first["predicted"], predicted, y),
                          "agreement": seed_agreement(first["true"], models[1]["peers"][name]["true"])})  # fmt: skip
+    rows.append(label_baseline(y, y_t, members, losses, rows[0]))
     return {
         "rows": rows,
         "retrain_seconds": retrain_seconds,
         "subset_loss_std_mean": float(losses.std(1).mean()),
+        "target_losses": losses.tolist(),  # (T, J): later metrics need no retraining
     }
+
+
+def label_baseline(
+    y: np.ndarray, y_t: np.ndarray, members: np.ndarray, losses: np.ndarray, first: dict
+) -> dict:
+    """Not an explanation: +1 for every training sentence with the target's label, -1 otherwise. Its LDS is what
+    a half's class balance alone explains of the retrained losses."""
+    scores = np.where(y[None, :] == y_t[:, None], 1.0, -1.0)
+    value, se = lds_with_se(scores, members, losses)
+    return {"method": "label match (+1 same label, -1 other)", "models": 0, "lds": value, "lds_se": se,
+            "lds_halves_se": lds_halves_se(scores, members, losses), "val_accuracy": first["val_accuracy"],
+            "train_seconds": 0.0, "helpful_same_class": None}  # fmt: skip
 
 
 def lds_halves_se(scores: np.ndarray, members: np.ndarray, losses: np.ndarray) -> float:
@@ -206,6 +220,10 @@ def lds_halves_se(scores: np.ndarray, members: np.ndarray, losses: np.ndarray) -
     j = len(members)
     values = np.array([lds(scores, np.delete(members, k, 0), np.delete(losses, k, 1)) for k in range(j)])
     return float(np.sqrt((j - 1) / j * ((values - values.mean()) ** 2).sum()))
+
+
+def _rate(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 def label(point: dict) -> str:
@@ -241,7 +259,7 @@ def markdown(r: dict) -> str:
                      if ag else "– | – | –")  # fmt: skip
             lines.append(f"| {label(p['point'])} | {row['method']} | {row['models']} | {row['val_accuracy']:.3f} | "
                          f"{row['train_seconds']:.0f} | {row['lds']:.3f} ± {row['lds_se']:.3f} (halves ± {row['lds_halves_se']:.3f}) | "
-                         f"{row['helpful_same_class']:.2f} | {cells} |")  # fmt: skip
+                         f"{_rate(row['helpful_same_class'])} | {cells} |")  # fmt: skip
     return "\n".join([*lines, ""])
 
 
@@ -262,11 +280,16 @@ def plot(r: dict, path: Path) -> None:
         axes[1].plot([row["train_seconds"] for row in agreed],
                      [row["agreement"]["mean_influence_spearman"] for row in agreed], "o-", color=line.get_color())  # fmt: skip
         for row, marker in zip(
-            (row for row in p["rows"] if not row["method"].startswith("turn-over")), "sD", strict=False
+            (row for row in p["rows"] if "agreement" in row and not row["method"].startswith("turn-over")),
+            "sD",
+            strict=False,
         ):
             axes[0].plot(row["train_seconds"], row["lds"], marker, color=line.get_color(), mfc="none")
             axes[1].plot(row["train_seconds"], row["agreement"]["mean_influence_spearman"], marker,
                          color=line.get_color(), mfc="none")  # fmt: skip
+    for p in r["points"][:1]:
+        base = next(row for row in p["rows"] if row["method"].startswith("label match"))
+        axes[0].axhline(base["lds"], color="grey", ls="--", lw=1, label="label match (not an explanation)")
     axes[0].set(xscale="log", xlabel="training seconds (K models)", ylabel="LDS", title="Faithfulness")
     axes[1].set(xscale="log", xlabel="training seconds (K models)", ylabel="Spearman, mean influence",
                 title="Agreement across seeds")  # fmt: skip
