@@ -305,6 +305,15 @@ def build(args, seed: int):
     return model
 
 
+def _training_note(a: dict) -> str:
+    """Where the training settings come from: the default model's (``default_model_sweep.py``) or the command."""
+    default = MiniLMTopArguments()
+    keys = ("learning_rate", "num_train_epochs", "lr_schedule", "width")
+    if all(a.get(k, getattr(default, k)) == getattr(default, k) for k in keys):
+        return "fixed by `benchmarks/faithfulness/default_model_sweep.py`, not tuned here."
+    return "set on the command line (the default model's: lr 3e-3, 1 epoch, linear, W = 1,536)."
+
+
 def _masked_note(a: dict) -> str:
     unmasked = a["top_layers"] - a["masked_layers"]
     if not unmasked:
@@ -334,7 +343,7 @@ def markdown(r: dict) -> str:
         f"({r['trainable_parameters']:,} parameters). Plain dropout off: turn-over is the only dropout.",
         f"* AdamW lr {a['learning_rate']:g} (no weight decay), {a['num_train_epochs']} epoch(s), batch "
         f"{a['batch_size']}, {a.get('lr_schedule', 'linear')} schedule with {a['warmup_ratio']:.0%} warm-up, length-grouped minibatches "
-        f"(`group_by_length`); fixed by `benchmarks/faithfulness/default_model_sweep.py`, not tuned here.",
+        f"(`group_by_length`); {_training_note(a)}",
         f"* N = {r['num_train']} sentences of the bundled `rotten_tomatoes` train split (seeded permutation); "
         f"{r['num_targets']} targets = first rows of a seeded permutation of the test split. Sentences truncated "
         "at 128 tokens (the recipe: 64; almost none is longer).",
