@@ -46,7 +46,7 @@ def test_rows_per_k_and_peers(frontier):
     influence = peers["influence function (last layer, exact)"]["agreement"]["pairwise_spearman"]
     assert influence > turn[0]["agreement"]["pairwise_spearman"] + 0.5
     assert (out / "frontier.png").stat().st_size > 10_000
-    assert "| W=32, 1 ep, lr 0.003 linear | turn-over linear | 2 |" in (out / "results.md").read_text()
+    assert "| W=32, 1 ep, lr 0.003 linear | 3 | turn-over linear | 2 |" in (out / "results.md").read_text()
 
 
 def test_merge_joins_runs_and_refuses_mismatches(frontier, tmp_path):
@@ -68,3 +68,13 @@ def test_points_are_checked():
     assert frontier.parse_points("width=64,epochs=3;lr=1e-3") == [{"width": 64, "epochs": 3}, {"lr": 1e-3}]
     with pytest.raises(ValueError, match="depth"):
         frontier.parse_points("depth=3")
+
+
+def test_without_halves_only_agreement(frontier, tmp_path, monkeypatch):
+    """--num_subsets 0 (settings whose retraining is too slow): accuracy and agreement, no LDS."""
+    module = frontier[0]
+    monkeypatch.setitem(module.SMOKE, "num_subsets", 0)  # the smoke settings would override the flag
+    results = module.main(["--output_dir", str(tmp_path), "--smoke", "true", "--peers", "false"])
+    rows = results["points"][0]["rows"]
+    assert [r["lds"] for r in rows] == [None, None] and all("agreement" in r for r in rows)
+    assert "– (no halves)" in (tmp_path / "results.md").read_text()

@@ -163,7 +163,7 @@ def evaluate_point(args, a, data, below: int, members: np.ndarray) -> dict:
     y, y_t, y_val = data["train"][1].numpy(), data["targets"][1].numpy(), data["val"][1].numpy()
     models = train_models(a, data, below, 2 * args.max_models, args.peers)
     start = time.perf_counter()
-    losses = halves_losses(a, data, below, models[0], members)
+    losses = halves_losses(a, data, below, models[0], members) if len(members) else None
     retrain_seconds = time.perf_counter() - start
     rows = []
     for k in sorted({1, *[2**i for i in range(1, 8) if 2**i <= args.max_models], args.max_models}):
@@ -171,9 +171,7 @@ def evaluate_point(args, a, data, below: int, members: np.ndarray) -> dict:
         val_pred = torch.stack([m["val_logits"] for m in group]).mean(0).argmax(-1).numpy()
         predicted = torch.stack([m["target_logits"] for m in group]).mean(0).argmax(-1).numpy()
         mean = np.mean([m["scores"] for m in group], axis=0)
-        value, se = lds_with_se(pick(mean, y_t), members, losses)
-        row = {"method": "turn-over linear", "models": k, "lds": value, "lds_se": se,
-               "lds_halves_se": lds_halves_se(pick(mean, y_t), members, losses),
+        row = {"method": "turn-over linear", "models": k, **faithfulness(pick(mean, y_t), members, losses),
                "val_accuracy": float((val_pred == y_val).mean()),
                "train_seconds": float(sum(m["train_seconds"] for m in group)),
                "per_target_s": float(sum(m["score_seconds"] for m in group)) / (2 * len(y_t)),
@@ -186,13 +184,13 @@ def evaluate_point(args, a, data, below: int, members: np.ndarray) -> dict:
     if "peers" in models[0]:
         predicted = models[0]["target_logits"].argmax(-1).numpy()
         for name, first in models[0]["peers"].items():
-            value, se = lds_with_se(first["true"], members, losses)
-            rows.append({"method": name, "models": 1, "lds": value, "lds_se": se,
-                         "lds_halves_se": lds_halves_se(first["true"], members, losses),
+            rows.append({"method": name, "models": 1, **faithfulness(first["true"], members, losses),
                          "val_accuracy": rows[0]["val_accuracy"],
                          "train_seconds": models[0]["train_seconds"], "setup_s": first["seconds"],
                          **M.identical_class(first["predicted"], predicted, y),
                          "agreement": seed_agreement(first["true"], models[1]["peers"][name]["true"])})  # fmt: skip
+    if losses is None:  # --num_subsets 0: agreement and accuracy only
+        return {"rows": rows, "retrain_seconds": 0.0}
     rows.append(label_baseline(y, y_t, members, losses, rows[0]))
     return {
         "rows": rows,
@@ -202,15 +200,22 @@ def evaluate_point(args, a, data, below: int, members: np.ndarray) -> dict:
     }
 
 
+def faithfulness(scores: np.ndarray, members: np.ndarray, losses: np.ndarray | None) -> dict:
+    """LDS, its error over targets and over halves; ``None`` for each without halves (``--num_subsets 0``)."""
+    if losses is None:
+        return {"lds": None, "lds_se": None, "lds_halves_se": None}
+    value, se = lds_with_se(scores, members, losses)
+    return {"lds": value, "lds_se": se, "lds_halves_se": lds_halves_se(scores, members, losses)}
+
+
 def label_baseline(
     y: np.ndarray, y_t: np.ndarray, members: np.ndarray, losses: np.ndarray, first: dict
 ) -> dict:
     """Not an explanation: +1 for every training sentence with the target's label, -1 otherwise. Its LDS is what
     a half's class balance alone explains of the retrained losses."""
     scores = np.where(y[None, :] == y_t[:, None], 1.0, -1.0)
-    value, se = lds_with_se(scores, members, losses)
-    return {"method": "label match (+1 same label, -1 other)", "models": 0, "lds": value, "lds_se": se,
-            "lds_halves_se": lds_halves_se(scores, members, losses), "val_accuracy": first["val_accuracy"],
+    return {"method": "label match (+1 same label, -1 other)", "models": 0, **faithfulness(scores, members, losses),
+            "val_accuracy": first["val_accuracy"],
             "train_seconds": 0.0, "helpful_same_class": None}  # fmt: skip
 
 
@@ -220,6 +225,16 @@ def lds_halves_se(scores: np.ndarray, members: np.ndarray, losses: np.ndarray) -
     j = len(members)
     values = np.array([lds(scores, np.delete(members, k, 0), np.delete(losses, k, 1)) for k in range(j)])
     return float(np.sqrt((j - 1) / j * ((values - values.mean()) ** 2).sum()))
+
+
+def _lds(row: dict) -> str:
+    if row["lds"] is None:
+        return "– (no halves)"
+    return f"{row['lds']:.3f} ± {row['lds_se']:.3f} (halves ± {row['lds_halves_se']:.3f})"
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def _rate(value: float | None) -> str:
@@ -248,17 +263,17 @@ def markdown(r: dict) -> str:
         "per-target Spearman of the N scores, mean influence = Spearman of the mean over targets (the cleansing "
         "ranking). Training seconds: the K models together, on the cache.",
         "",
-        "| set-up | method | K | val acc | train s | LDS ± SE over targets (± jackknife SE over halves) | helpful top-1 same class | pairwise Spearman | "
+        "| set-up | halves | method | K | val acc | train s | LDS ± SE over targets (± jackknife SE over halves) | helpful top-1 same class | pairwise Spearman | "
         "mean-influence Spearman | top-10 overlap |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for p in r["points"]:
         for row in p["rows"]:
             ag = row.get("agreement")
             cells = (f"{ag['pairwise_spearman']:.3f} | {ag['mean_influence_spearman']:.3f} | {ag['top_k_overlap']:.3f}"
                      if ag else "– | – | –")  # fmt: skip
-            lines.append(f"| {label(p['point'])} | {row['method']} | {row['models']} | {row['val_accuracy']:.3f} | "
-                         f"{row['train_seconds']:.0f} | {row['lds']:.3f} ± {row['lds_se']:.3f} (halves ± {row['lds_halves_se']:.3f}) | "
+            lines.append(f"| {label(p['point'])} | {p['point'].get('halves', r['arguments']['num_subsets'])} | {row['method']} | {row['models']} | {row['val_accuracy']:.3f} | "
+                         f"{row['train_seconds']:.0f} | {_lds(row)} | "
                          f"{_rate(row['helpful_same_class'])} | {cells} |")  # fmt: skip
     return "\n".join([*lines, ""])
 
@@ -273,8 +288,8 @@ def plot(r: dict, path: Path) -> None:
     for p in r["points"]:
         turn = [row for row in p["rows"] if row["method"].startswith("turn-over")]
         x = [row["train_seconds"] for row in turn]
-        (line,) = axes[0].plot(x, [row["lds"] for row in turn], "o-", label=label(p["point"]))
-        axes[0].errorbar(x, [row["lds"] for row in turn], yerr=[row["lds_halves_se"] for row in turn], fmt="none",
+        (line,) = axes[0].plot(x, [_nan(row["lds"]) for row in turn], "o-", label=label(p["point"]))
+        axes[0].errorbar(x, [_nan(row["lds"]) for row in turn], yerr=[_nan(row["lds_halves_se"]) for row in turn], fmt="none",
                          ecolor=line.get_color(), alpha=0.5)  # fmt: skip
         agreed = [row for row in turn if "agreement" in row]
         axes[1].plot([row["train_seconds"] for row in agreed],
@@ -284,12 +299,15 @@ def plot(r: dict, path: Path) -> None:
             "sD",
             strict=False,
         ):
-            axes[0].plot(row["train_seconds"], row["lds"], marker, color=line.get_color(), mfc="none")
+            axes[0].plot(row["train_seconds"], _nan(row["lds"]), marker, color=line.get_color(), mfc="none")
             axes[1].plot(row["train_seconds"], row["agreement"]["mean_influence_spearman"], marker,
                          color=line.get_color(), mfc="none")  # fmt: skip
     for p in r["points"][:1]:
-        base = next(row for row in p["rows"] if row["method"].startswith("label match"))
-        axes[0].axhline(base["lds"], color="grey", ls="--", lw=1, label="label match (not an explanation)")
+        base = next((row for row in p["rows"] if row["method"].startswith("label match")), None)
+        if base is not None:
+            axes[0].axhline(
+                base["lds"], color="grey", ls="--", lw=1, label="label match (not an explanation)"
+            )
     axes[0].set(xscale="log", xlabel="training seconds (K models)", ylabel="LDS", title="Faithfulness")
     axes[1].set(xscale="log", xlabel="training seconds (K models)", ylabel="Spearman, mean influence",
                 title="Agreement across seeds")  # fmt: skip
@@ -314,13 +332,10 @@ def merge(args: FrontierArguments, out: Path) -> dict:
     runs = [json.loads((Path(d) / "results.json").read_text()) for d in args.merge.split(",") if d]
     keys = ("num_train", "num_targets")
     for r in runs[1:]:
-        same = (
-            all(r[k] == runs[0][k] for k in keys)
-            and r["arguments"]["num_subsets"] == runs[0]["arguments"]["num_subsets"]
-        )
+        same = all(r[k] == runs[0][k] for k in keys)
         if not same:
             raise ValueError(
-                f"--merge: {r['command']!r} differs from {runs[0]['command']!r} in N, targets or halves."
+                f"--merge: {r['command']!r} differs from {runs[0]['command']!r} in N or targets."
             )
     merged = {**runs[0], "points": [p for r in runs for p in r["points"]],
               "command": " && ".join(r["command"] for r in runs) + f" (merged with --merge {args.merge})",
@@ -343,7 +358,10 @@ def main(argv: list[str] | None = None) -> dict:
     below = top.frozen_below(model)
     _, data = load_data(first, model, tokenizer, below)
     del model
-    members = random_half_subsets(len(data["train"][1]), args.num_subsets, seed=1)
+    n = len(data["train"][1])
+    members = (
+        random_half_subsets(n, args.num_subsets, seed=1) if args.num_subsets else np.zeros((0, n), np.int64)
+    )
     results = {
         "arguments": asdict(args), "machine": f"{platform.machine()} CPU, torch {torch.__version__}",
         "command": "python benchmarks/faithfulness/frontier.py "
@@ -357,6 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
             "epochs": a.num_train_epochs,
             "lr": a.learning_rate,
             "schedule": a.lr_schedule,
+            "halves": args.num_subsets,
         }
         print(label(full), flush=True)
         results["points"].append({"point": full, **evaluate_point(args, a, data, below, members)})
