@@ -280,6 +280,7 @@ def markdown(r: dict) -> str:
 
 def plot(r: dict, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -314,6 +315,9 @@ def plot(r: dict, path: Path) -> None:
     axes[0].legend(
         fontsize=7, title="turn-over, K = 1, 2, 4...: o-; peers: s IF, D grad dot", title_fontsize=7
     )
+    for ax in axes:  # plain seconds on the log axis, no crowded minor labels
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
