@@ -70,6 +70,7 @@ def test_metrics_finite_and_rates_in_range(smoke):
     } == names
     for row in results["methods"]:
         assert math.isfinite(row["lds"]) and -1.0 <= row["lds"] <= 1.0, row
+        assert row["lds_halves_se"] >= 0.0  # the jackknife error over the retrained halves
         assert 0.0 <= row["helpful_same_class"] <= 1.0
         assert 0.0 <= row["harmful_other_class"] <= 1.0
         assert 1 <= row["distinct_top5_helpful"] <= row["top_lists_possible"]

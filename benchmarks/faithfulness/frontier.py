@@ -39,8 +39,7 @@ from bench_common import parse_benchmark_arguments
 from faithfulness_lib import minilm as M
 from faithfulness_lib import minilm_top as top
 from faithfulness_lib.minilm_top_grads import grad_dot
-from faithfulness_lib.report import lds
-from minilm_lds import lds_with_se
+from minilm_lds import lds_halves_se, lds_with_se
 from minilm_top_lds import MiniLMTopArguments, build, load_data, train_options
 from transformers import AutoTokenizer
 
@@ -217,14 +216,6 @@ def label_baseline(
     return {"method": "label match (+1 same label, -1 other)", "models": 0, **faithfulness(scores, members, losses),
             "val_accuracy": first["val_accuracy"],
             "train_seconds": 0.0, "helpful_same_class": None}  # fmt: skip
-
-
-def lds_halves_se(scores: np.ndarray, members: np.ndarray, losses: np.ndarray) -> float:
-    """Jackknife standard error of the LDS over the retrained halves (leave one half out). The targets share their
-    halves, so the usual error over targets misses how much the LDS depends on which halves were drawn."""
-    j = len(members)
-    values = np.array([lds(scores, np.delete(members, k, 0), np.delete(losses, k, 1)) for k in range(j)])
-    return float(np.sqrt((j - 1) / j * ((values - values.mean()) ** 2).sum()))
 
 
 def _lds(row: dict) -> str:

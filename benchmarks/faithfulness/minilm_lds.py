@@ -109,6 +109,14 @@ def lds_with_se(scores: np.ndarray, members: np.ndarray, losses: np.ndarray) -> 
     return float(value), se
 
 
+def lds_halves_se(scores: np.ndarray, members: np.ndarray, losses: np.ndarray) -> float:
+    """Jackknife standard error of the LDS over the retrained halves (leave one half out). The targets share their
+    halves, so the error over targets misses how much the LDS depends on which halves were drawn."""
+    j = len(members)
+    values = np.array([lds(scores, np.delete(members, k, 0), np.delete(losses, k, 1)) for k in range(j)])
+    return float(np.sqrt((j - 1) / j * ((values - values.mean()) ** 2).sum()))
+
+
 def summarize_methods(result: dict, methods: dict, members, losses, predicted, y) -> None:
     """``result["methods"]``: each method's LDS (± SE), cost and identical-class test; plus the exact-vs-linear rank
     agreement and the spread of the retrained losses."""
@@ -119,6 +127,7 @@ def summarize_methods(result: dict, methods: dict, members, losses, predicted, y
             "method": name,
             "lds": value,
             "lds_se": se,
+            "lds_halves_se": lds_halves_se(m["scores"]["true"], members, losses),
             "setup_s": m["setup_s"],
             "per_target_s": m["per_target_s"],
         }
@@ -345,15 +354,20 @@ def _f(v, d=3):
     return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{d}f}"
 
 
+def _halves(row: dict) -> str:
+    """`` (± x)``: the jackknife error over halves, where the run measured it."""
+    return f" (± {_f(row['lds_halves_se'])})" if "lds_halves_se" in row else ""
+
+
 def methods_table(methods: list[dict]) -> list[str]:
     """Markdown lines of the methods table: LDS, identical-class test, distinct top-5, cost."""
     lines = [
-        "| method | LDS | helpful top-1 same class | harmful top-1 other class | distinct top-5 helpful | setup s | s / target |",
+        "| method | LDS ± SE over targets (± over halves) | helpful top-1 same class | harmful top-1 other class | distinct top-5 helpful | setup s | s / target |",
         "|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in methods:
         lines.append(
-            f"| {r['method']} | {_f(r['lds'])} ± {_f(r['lds_se'])} | {_f(r.get('helpful_same_class'))} | "
+            f"| {r['method']} | {_f(r['lds'])} ± {_f(r['lds_se'])}{_halves(r)} | {_f(r.get('helpful_same_class'))} | "
             f"{_f(r.get('harmful_other_class'))} | {r.get('distinct_top5_helpful', '-')} | {_f(r['setup_s'], 1)} | "
             f"{_f(r['per_target_s'], 4)} |"
         )
