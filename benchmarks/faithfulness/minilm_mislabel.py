@@ -26,7 +26,6 @@ from pathlib import Path
 import _paths  # noqa: F401  (benchmarks/lib on sys.path)
 import numpy as np
 import torch
-import torch.nn.functional as F
 from bench_common import parse_benchmark_arguments
 from faithfulness_lib import minilm as M
 from faithfulness_lib import minilm_top as top
@@ -63,17 +62,12 @@ class MislabelArguments:
     smoke: bool = field(default=False, metadata={"help": "Tiny settings (N=64, W=32/16)."})
 
 
-@torch.no_grad()
-def training_loss(model, hidden: top.Hidden, labels: torch.Tensor) -> np.ndarray:
-    return F.cross_entropy(top.logits(model, hidden), labels, reduction="none").double().numpy()
-
-
 def rankings(model, hidden: top.Hidden, noisy: torch.Tensor) -> dict[str, np.ndarray]:
     """Every suspicion ranking of the N training rows under the noisy labels (higher = more suspicious)."""
     influence = M.TailLastLayerInfluence(model, top.pooled_features(model, hidden), noisy)
     return {
         "turn-over self-influence (linear)": top.turnover_self_influence(model, hidden, noisy),
-        "training loss (full network)": training_loss(model, hidden, noisy),
+        "training loss (full network)": top.target_losses(model, hidden, noisy),
         "influence function self-influence (last layer, exact)": influence.self_scores(),
     }
 
