@@ -4,7 +4,7 @@ from .config import TurnoverArguments, TurnoverConfig
 from .context import turnover_context
 from .curves import LearningCurveCallback
 from .evaluation import load_faithfulness_metric, random_half_subsets, score_matrix
-from .explain import explain_prediction, explain_predictions
+from .explain import explain_prediction, explain_predictions, training_pooled_basis
 from .fingerprint import training_fingerprint
 from .hub import push_turnover_model, register_with_transformers, save_turnover_model
 from .influence import estimate_influence, mean_influence, self_influence
@@ -14,6 +14,7 @@ from .model import add_turnover, get_turnover_config, load_turnover, remove_turn
 from .modeling_turnover import TurnoverBertConfig, TurnoverBertForSequenceClassification
 from .pipeline_turnover import InfluencePipeline
 from .plots import plot_learning_curves, plot_self_influence
+from .pooled import PooledBasis, head_features
 from .results import combine_scores, load_scores, push_scores, save_scores, score_arguments
 from .training_set import load_training_set
 from .variants import average_scores, ensemble_influence
@@ -44,6 +45,7 @@ __all__ = [
     "InfluencePipeline",
     "LearningCurveCallback",
     "LinearScorer",
+    "PooledBasis",
     "TurnoverArguments",
     "TurnoverBertConfig",
     "TurnoverBertForSequenceClassification",
@@ -61,6 +63,7 @@ __all__ = [
     "estimate_influence",
     "explain_prediction",
     "explain_predictions",
+    "head_features",
     "load_scores",
     "load_training_set",
     "mean_influence",
@@ -73,6 +76,7 @@ __all__ = [
     "score_arguments",
     "self_influence",
     "training_fingerprint",
+    "training_pooled_basis",
     "get_turnover_config",
     "load_turnover",
     "remove_turnover",

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from .atomic import atomic_directory, atomic_path
-from .explain import REFERENCE_FILE
+from .explain import POOLING_FILE, REFERENCE_FILE
 from .fingerprint import check_fingerprint
 from .model import turnover_layers
 from .modeling_turnover import (
@@ -86,8 +86,9 @@ def export_default_model(
         save_adapter_only(model, tmp, base_model)
         reference = {"kind": "package", **training_data, "instance_ids": [int(i) for i in train[id_column]]}
         write_reference(tmp, reference, recorded)
-        if (Path(model_dir) / REFERENCE_FILE).is_file():  # the centered method's reference gradient
-            shutil.copyfile(Path(model_dir) / REFERENCE_FILE, tmp / REFERENCE_FILE)
+        for name in (REFERENCE_FILE, POOLING_FILE):  # the centered reference, the pooled method's groups
+            if (Path(model_dir) / name).is_file():
+                shutil.copyfile(Path(model_dir) / name, tmp / name)
         card = Path(model_dir) / "README.md"
         if card.is_file():
             shutil.copyfile(card, tmp / "README.md")

@@ -9,6 +9,7 @@ A saved folder (or Hub repo) holds everything a fresh process needs::
     tokenizer files
     training_set.parquet     the training instances with their ids, and training_set.json (fingerprint)
     turnover_reference.safetensors   the reference gradient of method="centered" (one vector per masked layer)
+    turnover_pooling.safetensors     the groups of method="pooled" (ids, labels, components), when built
     README.md                the model card
 
 The folder is written under a temporary name and renamed into place, so a failed save never leaves a

@@ -89,6 +89,7 @@ def estimate_influence(
     variant: str = "own",
     method: str = "linear",
     reference: dict[str, torch.Tensor] | None = None,
+    basis: Any = None,
     train_ids: Sequence[int] | torch.Tensor | None = None,
     top_k: int | None = None,
     train_batch_size: int | None = None,
@@ -116,6 +117,7 @@ def estimate_influence(
             :mod:`hf_turnover.linear`), ``"exact"`` (own and flipped forward passes, the paper) or ``"centered"`` (linear, with ``reference``, the mean
             mask gradient of :func:`hf_turnover.linear.reference_gradient`, subtracted from each target's).
         reference: the reference gradient of ``method="centered"``.
+        basis: the training set's :class:`~hf_turnover.pooled.PooledBasis`, for ``method="pooled"``.
         train_ids: score only these training ids.
         top_k: keep only the ``top_k`` most helpful and ``top_k`` most harmful instances per target.
         train_batch_size: training ids per forward pass of ``method="exact"``; ``None`` sizes chunks to the
@@ -131,7 +133,7 @@ def estimate_influence(
         records the arguments that produced it (see :func:`hf_turnover.combine_scores`).
     """
     scorer = make_scorer(
-        model, method, reference, variant=variant, batch_size=resolve_train_batch_size(train_batch_size, batch_size),
+        model, method, reference, basis=basis, variant=variant, batch_size=resolve_train_batch_size(train_batch_size, batch_size),
         loss_fn=loss_fn, forward_fn=forward_fn, dtype=dtype, positions=positions,
     )  # fmt: skip
     ids = training_ids(model, train_dataset, train_ids, check_fingerprint)

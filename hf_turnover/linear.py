@@ -42,9 +42,10 @@ from .context import turnover_context
 from .inputs import logits_of
 from .masks import keep_bits
 from .model import turnover_hooks
+from .pooled import NOISE_IDS, PooledBasis, choose_components, signal_share
 from .scorer import TurnoverScorer
 
-METHODS = ("exact", "linear", "centered")
+METHODS = ("exact", "linear", "centered", "pooled")
 _BYTE = 8
 # bit k of every byte value 0..255, as floats: (256, 8)
 _PATTERNS = ((torch.arange(256)[:, None] >> torch.arange(_BYTE)[None, :]) & 1).float()
@@ -54,8 +55,9 @@ def check_method(method: str) -> str:
     if method not in METHODS:
         raise ValueError(
             f"method={method!r} is unknown; use 'exact' (own vs flipped forward passes, the paper), 'linear' "
-            "(first-order in the masks: one backward pass per target, then a product with the mask bits) or "
-            "'centered' (linear, minus the linear score of a reference gradient)."
+            "(first-order in the masks: one backward pass per target, then a product with the mask bits), "
+            "'centered' (linear, minus the linear score of a reference gradient) or 'pooled' (linear, pooled over "
+            "groups of alike training instances: hf_turnover.pooled)."
         )
     return method
 
@@ -243,16 +245,132 @@ class LinearScorer(TurnoverScorer):
         return {n: g.float() - self.reference[n].to(g.device) for n, g in grads.items()}
 
 
+class PooledScorer(LinearScorer):
+    """``method="pooled"`` (see :mod:`hf_turnover.pooled`): a :class:`~hf_turnover.linear.LinearScorer` whose scores
+    of the basis's training ids are pooled. ``last_diagnostics`` keeps, per target of the last call,
+    ``signal_share`` of the plain linear scores, the chosen ``components`` and the residual weight ``lambda``."""
+
+    def __init__(self, model: nn.Module, *, basis: PooledBasis, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        if self.reference is not None:
+            raise ValueError("method='pooled' takes no reference= (that is method='centered').")
+        if self.variant != "own":
+            raise ValueError("method='pooled' scores the paper's estimator; use variant='own'.")
+        self.basis = basis
+        self._prepared: dict[str, Any] | None = None
+        self.last_diagnostics: dict[str, torch.Tensor] = {}
+
+    @property
+    def method(self) -> str:
+        return "pooled"
+
+    def _prepare(self, widths: dict[str, int]) -> dict[str, Any]:
+        if self._prepared is not None and self._prepared["widths"] == widths:
+            return self._prepared
+        basis, device = self.basis, self.device
+        num_labels = int(getattr(getattr(self.model, "config", None), "num_labels", 0) or 0)
+        num_labels = max(num_labels, int(basis.labels.max()) + 1 if len(basis.labels) else 1)
+        g_design = basis.design(num_labels).to(device)  # (N, C)
+        ids = basis.ids.to(device)
+        noise_ids = ids.max() + 1 + torch.arange(NOISE_IDS, device=device)
+        table, noise = self.table(ids, widths), MaskTable(self.model, noise_ids, widths)
+        n_blocks, q, q_noise = {}, 0, 0
+        norm2 = torch.zeros(len(ids), dtype=torch.float64, device=device)
+        for name, width in widths.items():
+            p = turnover_hooks(self.model)[name].config.p
+            _, c = self._coefficients(name)
+            bits_t_g = torch.zeros(width, g_design.shape[1], dtype=torch.float64, device=device)
+            for start in range(0, len(ids), 4096):
+                bits = layer_bits(self.model, name, ids[start : start + 4096], width).double()
+                bits_t_g += bits.T @ g_design[start : start + 4096]
+            n = c * (bits_t_g - p * g_design.sum(0))  # (d, C): X^T G
+            n_blocks[name] = n
+            shift = p * n.sum(0)  # (C,)
+            q = q + c * (table.dot(name, n.T.float()).double() - shift)  # (N, C): X n
+            q_noise = q_noise + c * (noise.dot(name, n.T.float()).double() - shift)
+            kept = table.dot(name, torch.ones(1, width, device=device))[:, 0].double()
+            norm2 += c**2 * ((1 - p) ** 2 * kept + p**2 * (width - kept))
+        self._prepared = {"widths": widths, "design": g_design, "n": torch.cat(list(n_blocks.values())),
+                          "q": q, "q_noise": q_noise, "norm2": norm2, "noise_table": noise,
+                          "num_labels": num_labels}  # fmt: skip
+        return self._prepared
+
+    def _noise_scores(self, grads: dict[str, torch.Tensor], prep: dict[str, Any]) -> torch.Tensor:
+        scores = 0
+        for name, g in grads.items():
+            a, c = self._coefficients(name)
+            scores = scores + a * g.float().sum(1)[:, None] + c * prep["noise_table"].dot(name, g).T
+        return scores.double()  # (T, M)
+
+    def scores_from_gradients(self, grads: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+        """``(T, len(ids))`` pooled scores; every id must be in the basis (the training set it was built for). The
+        fit and the shrinkage use every id of the basis, so the scores of a subset are those of the full set."""
+        prep = self._prepare({n: g.shape[1] for n, g in grads.items()})
+        rows = self._rows(ids)
+        s = super().scores_from_gradients(grads, self.basis.ids.to(self.device)).double()  # (T, N)
+        s_noise = self._noise_scores(grads, prep)
+        g = torch.cat([grads[name].double() for name in prep["widths"]], 1)  # (T, W)
+        k = choose_components(prep["n"], g, prep["num_labels"])
+        scores = torch.empty_like(s)
+        lam = torch.empty(len(g), dtype=torch.float64, device=g.device)
+        for value in k.unique().tolist():
+            t = (k == value).nonzero().flatten()
+            cols = prep["num_labels"] * (1 + value)
+            psi = torch.linalg.lstsq(prep["n"][:, :cols], g[t].T).solution  # (cols, t)
+            group = prep["norm2"][None, :] * (prep["design"][:, :cols] @ psi).T
+            residual = s[t] - (prep["q"][:, :cols] @ psi).T
+            noise = s_noise[t] - (prep["q_noise"][:, :cols] @ psi).T
+            lam[t] = signal_share(residual, noise).double()
+            scores[t] = group + lam[t, None] * residual
+        self.last_diagnostics = {"signal_share": signal_share(s, s_noise), "components": k.cpu(),
+                                 "lambda": lam.float().cpu()}  # fmt: skip
+        return scores[:, rows].float().contiguous()
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        basis_ids = self.basis.ids.to(self.device)
+        ids = ids.to(self.device)
+        order = torch.argsort(basis_ids)
+        pos = torch.searchsorted(basis_ids[order], ids).clamp_max(len(order) - 1)
+        rows = order[pos]
+        missing = basis_ids[rows] != ids
+        if missing.any():
+            raise ValueError(
+                f"method='pooled': training id {int(ids[missing][0])} is not in the pooled basis "
+                f"({len(basis_ids)} ids); build the basis on the training set you score "
+                "(hf_turnover.training_pooled_basis)."
+            )
+        return rows
+
+    def self_scores(self, inputs, labels, ids):
+        raise ValueError(
+            "method='pooled' scores targets against its training set; for self-influence use method='linear'."
+        )
+
+
 def make_scorer(
     model: nn.Module,
     method: str = "linear",
     reference: dict[str, torch.Tensor] | None = None,
+    basis: Any = None,
     **kwargs: Any,
 ) -> TurnoverScorer:
     """A :class:`LinearScorer` (``method="linear"``, the default everywhere; ``"centered"`` with the ``reference``
-    gradient of :func:`reference_gradient`) or :class:`TurnoverScorer` (``"exact"``) of ``model``. ``kwargs`` go
-    to the scorer (``batch_size``: training ids per forward of the exact one)."""
+    gradient of :func:`reference_gradient`), a :class:`~hf_turnover.pooled.PooledScorer` (``"pooled"``, with the
+    training set's ``basis``, a :class:`~hf_turnover.pooled.PooledBasis`) or :class:`TurnoverScorer` (``"exact"``)
+    of ``model``. ``kwargs`` go to the scorer (``batch_size``: training ids per forward of the exact one)."""
     method = check_method(method)
+    if method == "pooled":
+        if basis is None:
+            raise ValueError(
+                "method='pooled' needs basis= (the training set's groups: "
+                "hf_turnover.training_pooled_basis(model, tokenizer, train_dataset), or "
+                "hf_turnover.PooledBasis.from_features); or use method='linear'."
+            )
+        if reference is not None:
+            raise ValueError("reference= is for method='centered', not method='pooled'.")
+        return PooledScorer(model, basis=basis, **kwargs)
+    if basis is not None:
+        raise ValueError(f"basis= is for method='pooled', not method={method!r}.")
     if method == "centered":
         if reference is None:
             raise ValueError(

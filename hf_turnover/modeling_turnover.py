@@ -49,6 +49,7 @@ from .linear import LinearScorer  # noqa: F401
 from .lora import LoRARankHook  # noqa: F401
 from .masks import keep_bits  # noqa: F401
 from .model import add_turnover
+from .pooled import PooledBasis  # noqa: F401
 from .results import scores_dataset  # noqa: F401
 from .reuse import tail_entry  # noqa: F401
 from .scorer import TurnoverScorer  # noqa: F401

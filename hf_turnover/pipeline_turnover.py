@@ -33,7 +33,14 @@ from .atomic import atomic_directory
 from .config import TurnoverConfig  # noqa: F401
 from .context import turnover_context  # noqa: F401
 from .distributed import shardable  # noqa: F401
-from .explain import REFERENCE_FILE, explain_prediction, explain_predictions, training_reference
+from .explain import (
+    POOLING_FILE,
+    REFERENCE_FILE,
+    explain_prediction,
+    explain_predictions,
+    training_pooled_basis,
+    training_reference,
+)
 from .fingerprint import check_fingerprint, recorded_fingerprint, training_fingerprint
 from .influence import estimate_influence  # noqa: F401
 from .inputs import check_dataset, per_row_loss  # noqa: F401
@@ -52,6 +59,7 @@ from .pipeline_inputs import (
     texts_of,
     truncation_flag,
 )
+from .pooled import PooledBasis
 from .query_checks import content_ids, seen_tokens, token_warnings, unknown_share, unseen_share
 from .results import scores_dataset  # noqa: F401
 from .reuse import tail_entry  # noqa: F401
@@ -125,6 +133,7 @@ class InfluencePipeline(Pipeline):
         self._batch_size = positive_int("batch_size", self._batch_size) if self._batch_size else None
         self._scorers: dict[tuple[str, int | None], TurnoverScorer] = {}
         self._reference: dict[str, torch.Tensor] | None = None
+        self._basis: PooledBasis | None = None
         self._seen_tokens: torch.Tensor | None | bool = False  # False: not read yet
         if self.tokenizer is None:
             self.tokenizer = _backbone_tokenizer(self.model)
@@ -294,7 +303,10 @@ class InfluencePipeline(Pipeline):
         key = (method, batch_size if method == "exact" else None)
         if key not in self._scorers:
             reference = self.centered_reference() if method == "centered" else None
-            self._scorers[key] = make_scorer(self.model, method, reference, batch_size=batch_size)
+            basis = self.pooled_basis() if method == "pooled" else None
+            self._scorers[key] = make_scorer(
+                self.model, method, reference, basis=basis, batch_size=batch_size
+            )
         return self._scorers[key]
 
     def centered_reference(self) -> dict[str, torch.Tensor]:
@@ -319,6 +331,27 @@ class InfluencePipeline(Pipeline):
             name: torch.as_tensor(g, dtype=torch.float32).cpu() for name, g in reference.items()
         }
         self._scorers = {k: v for k, v in self._scorers.items() if k[0] != "centered"}
+
+    def pooled_basis(self) -> PooledBasis:
+        """The training set's groups for ``method="pooled"``: read from the model's folder or repo
+        (``turnover_pooling.safetensors``), else built once from the training set
+        (:func:`~hf_turnover.explain.training_pooled_basis`: one forward pass over every training text, with a
+        progress bar) and written by ``save_pretrained``."""
+        if self._basis is None:
+            path = _file_beside(self.model, POOLING_FILE)
+            if path is not None:
+                self._basis = PooledBasis.from_state_dict(load_file(path))
+        if self._basis is None:
+            logger.info(
+                "Building the pooled method's basis from the training set (one forward pass per text)."
+            )
+            self._basis = training_pooled_basis(
+                self.model,
+                self.tokenizer,
+                self.train_dataset,
+                max_length=model_token_limit(self.model, self.tokenizer),
+            )
+        return self._basis
 
     def postprocess(self, outputs: dict[str, Any]) -> dict[str, Any]:
         """The library explanation (labels are already names) with the text's own fields; no ``true_label``
@@ -363,6 +396,8 @@ class InfluencePipeline(Pipeline):
             self.tokenizer.save_pretrained(tmp)
             save_training_set(self.train_dataset, tmp, recorded_fingerprint(self.model) or _fingerprint(self))
             save_file({k: v.contiguous() for k, v in self.centered_reference().items()}, tmp / REFERENCE_FILE)
+            if self._basis is not None or _file_beside(self.model, POOLING_FILE) is not None:
+                save_file(self.pooled_basis().state_dict(), tmp / POOLING_FILE)
             if card is not None:
                 (tmp / "README.md").write_text(card, encoding="utf-8")
             else:
