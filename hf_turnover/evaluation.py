@@ -95,7 +95,9 @@ def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(denominator > 0, (ra * rb).sum(-1) / denominator, np.nan)
 
 
-def seed_agreement(scores_a: np.ndarray, scores_b: np.ndarray, top_k: int = 10) -> dict[str, float]:
+def seed_agreement(
+    scores_a: np.ndarray, scores_b: np.ndarray, top_k: int = 10, labels: np.ndarray | None = None
+) -> dict[str, float]:
     """How much two influence estimates of the same targets and training set agree: the scores of two models
     trained on the same data with different seeds (for turn-over, different mask seeds), so the answer a user
     would get again after retraining.
@@ -105,7 +107,9 @@ def seed_agreement(scores_a: np.ndarray, scores_b: np.ndarray, top_k: int = 10) 
     Returns, for a matrix, ``pairwise_spearman`` (per-target Spearman, mean over targets) with its standard error,
     ``mean_influence_spearman`` (Spearman of the mean over targets: the data-cleansing ranking) and
     ``top_k_overlap`` (share of a target's ``top_k`` most helpful instances that both name, mean over targets);
-    for a vector, ``spearman`` and ``top_k_overlap`` of the vector itself.
+    for a vector, ``spearman`` and ``top_k_overlap`` of the vector itself. With the training ``labels`` (N,), a
+    matrix also gets ``mean_influence_spearman_within_label``: that Spearman among the instances of each label,
+    averaged over labels (weighted by count), which a per-label offset of the scores cannot move.
     """
     a, b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
     if a.shape != b.shape or a.ndim not in (1, 2):
@@ -124,7 +128,20 @@ def seed_agreement(scores_a: np.ndarray, scores_b: np.ndarray, top_k: int = 10) 
         return {"spearman": float(_spearman_rows(a, b)), "top_k_overlap": overlap(a, b), "top_k": top_k}
     rows = _spearman_rows(a, b)
     rows = rows[~np.isnan(rows)]
+    within = {}
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != a.shape[1:]:
+            raise ValueError(
+                f"labels has shape {labels.shape}; give one label per training instance, {a.shape[1:]}."
+            )
+        groups = [labels == c for c in np.unique(labels) if (labels == c).sum() > 1]
+        rhos = [float(_spearman_rows(a.mean(0)[g], b.mean(0)[g])) for g in groups]
+        within["mean_influence_spearman_within_label"] = float(
+            np.average(rhos, weights=[g.sum() for g in groups])
+        )
     return {
+        **within,
         "pairwise_spearman": float(rows.mean()),
         "pairwise_spearman_se": float(rows.std(ddof=1) / np.sqrt(len(rows)))
         if len(rows) > 1
