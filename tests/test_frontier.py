@@ -27,7 +27,9 @@ def test_rows_per_k_and_peers(frontier):
     _, out, results = frontier
     (point,) = results["points"]
     turn = [r for r in point["rows"] if r["method"] == "turn-over linear"]
-    assert [r["models"] for r in turn] == [1, 2]
+    pooled = [r for r in point["rows"] if r["method"] == "turn-over pooled"]
+    assert [r["models"] for r in turn] == [r["models"] for r in pooled] == [1, 2]
+    assert all(0.0 <= r["signal_share"] <= 1.0 for r in turn) and all("signal_share" not in r for r in pooled)
     # K = 2 trains twice the seconds of K = 1 (two models), and each K has its seed agreement
     assert turn[1]["train_seconds"] > turn[0]["train_seconds"]
     *rows, baseline = point["rows"]
@@ -40,13 +42,13 @@ def test_rows_per_k_and_peers(frontier):
             and row["lds_halves_se"] >= 0.0
         )
         assert -1.0 <= row["agreement"]["mean_influence_spearman"] <= 1.0
-    peers = {r["method"]: r for r in rows if r["method"] != "turn-over linear"}
+    peers = {r["method"]: r for r in rows if not r["method"].startswith("turn-over")}
     assert set(peers) == {"influence function (last layer, exact)", "gradient dot product (final weights)"}
     # the exact influence function of two similar models agrees with itself far more than turn-over's masks do
     influence = peers["influence function (last layer, exact)"]["agreement"]["pairwise_spearman"]
     assert influence > turn[0]["agreement"]["pairwise_spearman"] + 0.5
     assert (out / "frontier.png").stat().st_size > 10_000
-    assert "| W=32, 1 ep, lr 0.003 linear | 3 | turn-over linear | 2 |" in (out / "results.md").read_text()
+    assert "| W=32, 1 ep, lr 0.003 linear | 3 | turn-over pooled | 2 |" in (out / "results.md").read_text()
 
 
 def test_merge_joins_runs_and_refuses_mismatches(frontier, tmp_path):
@@ -76,5 +78,7 @@ def test_without_halves_only_agreement(frontier, tmp_path, monkeypatch):
     monkeypatch.setitem(module.SMOKE, "num_subsets", 0)  # the smoke settings would override the flag
     results = module.main(["--output_dir", str(tmp_path), "--smoke", "true", "--peers", "false"])
     rows = results["points"][0]["rows"]
-    assert [r["lds"] for r in rows] == [None, None] and all("agreement" in r for r in rows)
+    assert [r["lds"] for r in rows] == [None] * 4 and all(
+        "agreement" in r for r in rows
+    )  # linear, pooled; K 1, 2
     assert "– (no halves)" in (tmp_path / "results.md").read_text()

@@ -45,6 +45,8 @@ from transformers import AutoTokenizer
 
 from hf_turnover.atomic import atomic_write_text
 from hf_turnover.evaluation import random_half_subsets, seed_agreement
+from hf_turnover.pooled import NOISE_IDS, PooledBasis
+from hf_turnover.pooled import signal_share as pooled_signal_share
 
 SMOKE = {"num_train": 64, "num_targets": 3, "num_val": 64, "num_subsets": 3, "max_models": 2,
          "points": "width=32,lower_width=16,epochs=1,lr=3e-3,schedule=linear", "cache_to_disk": False}  # fmt: skip
@@ -99,10 +101,19 @@ def setup_arguments(args: FrontierArguments, point: dict) -> MiniLMTopArguments:
     return out
 
 
-def label_scores(model, hidden_t, n: int, method: str = "linear") -> np.ndarray:
+def label_scores(model, hidden_t, n: int, method: str = "linear", **kwargs) -> np.ndarray:
     """(2, T, N): every target's scores under label 0 and label 1 (the averaged models' prediction picks one)."""
     t = len(hidden_t)
-    return np.stack([top.turnover_scores(model, hidden_t, torch.full((t,), c), n, method) for c in (0, 1)])
+    return np.stack(
+        [top.turnover_scores(model, hidden_t, torch.full((t,), c), n, method, **kwargs) for c in (0, 1)]
+    )
+
+
+def signal_share(model, hidden_t, y_t, n: int, linear: np.ndarray) -> float:
+    """Mean over targets of ``hf_turnover.pooled.signal_share``: the share of the variance of the linear scores of
+    the N training ids above that of ``NOISE_IDS`` ids that were never trained (ids N, N + 1, ...)."""
+    noise = top.turnover_scores(model, hidden_t, y_t, min(n, NOISE_IDS), "linear", first_id=n)
+    return float(pooled_signal_share(torch.as_tensor(linear), torch.as_tensor(noise)).mean())
 
 
 def pick(by_label: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -135,8 +146,15 @@ def train_models(a: MiniLMTopArguments, data, below: int, count: int, peers: boo
             logits = top.logits(model, hidden_t)
             start = time.perf_counter()
             by_label = label_scores(model, hidden_t, len(y))
-            row = {"seed": seed, "train_seconds": run.seconds, "score_seconds": time.perf_counter() - start,
-                   "val_logits": top.logits(model, data["val"][0]), "target_logits": logits, "scores": by_label}  # fmt: skip
+            score_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            basis = PooledBasis.from_features(np.arange(len(y)), y, top.pooled_features(model, hidden))
+            pooled = label_scores(model, hidden_t, len(y), "pooled", basis=basis)
+            row = {"seed": seed, "train_seconds": run.seconds, "score_seconds": score_seconds,
+                   "pooled_seconds": time.perf_counter() - start,
+                   "val_logits": top.logits(model, data["val"][0]), "target_logits": logits,
+                   "scores": {"turn-over linear": by_label, "turn-over pooled": pooled},
+                   "signal_share": signal_share(model, hidden_t, y_t, len(y), pick(by_label, y_t.numpy()))}  # fmt: skip
             if seed < 2 and peers:
                 row["peers"] = peer_scores(model, data, y_t.numpy(), logits.argmax(-1).numpy())
         if seed == 0:
@@ -165,21 +183,24 @@ def evaluate_point(args, a, data, below: int, members: np.ndarray) -> dict:
     losses = halves_losses(a, data, below, models[0], members) if len(members) else None
     retrain_seconds = time.perf_counter() - start
     rows = []
-    for k in sorted({1, *[2**i for i in range(1, 8) if 2**i <= args.max_models], args.max_models}):
-        group, other = models[:k], models[k : 2 * k]
-        val_pred = torch.stack([m["val_logits"] for m in group]).mean(0).argmax(-1).numpy()
-        predicted = torch.stack([m["target_logits"] for m in group]).mean(0).argmax(-1).numpy()
-        mean = np.mean([m["scores"] for m in group], axis=0)
-        row = {"method": "turn-over linear", "models": k, **faithfulness(pick(mean, y_t), members, losses),
-               "val_accuracy": float((val_pred == y_val).mean()),
-               "train_seconds": float(sum(m["train_seconds"] for m in group)),
-               "per_target_s": float(sum(m["score_seconds"] for m in group)) / (2 * len(y_t)),
-               **M.identical_class(pick(mean, predicted), predicted, y)}  # fmt: skip
-        if len(other) == k:
-            row["agreement"] = seed_agreement(
-                pick(mean, y_t), pick(np.mean([m["scores"] for m in other], 0), y_t)
-            )
-        rows.append(row)
+    for method, seconds in (("turn-over linear", "score_seconds"), ("turn-over pooled", "pooled_seconds")):
+        for k in sorted({1, *[2**i for i in range(1, 8) if 2**i <= args.max_models], args.max_models}):
+            group, other = models[:k], models[k : 2 * k]
+            val_pred = torch.stack([m["val_logits"] for m in group]).mean(0).argmax(-1).numpy()
+            predicted = torch.stack([m["target_logits"] for m in group]).mean(0).argmax(-1).numpy()
+            mean = np.mean([m["scores"][method] for m in group], axis=0)
+            row = {"method": method, "models": k, **faithfulness(pick(mean, y_t), members, losses),
+                   "val_accuracy": float((val_pred == y_val).mean()),
+                   "train_seconds": float(sum(m["train_seconds"] for m in group)),
+                   "per_target_s": float(sum(m[seconds] for m in group)) / (2 * len(y_t)),
+                   **M.identical_class(pick(mean, predicted), predicted, y)}  # fmt: skip
+            if method == "turn-over linear":
+                row["signal_share"] = float(np.mean([m["signal_share"] for m in group]))
+            if len(other) == k:
+                row["agreement"] = seed_agreement(
+                    pick(mean, y_t), pick(np.mean([m["scores"][method] for m in other], 0), y_t), labels=y
+                )
+            rows.append(row)
     if "peers" in models[0]:
         predicted = models[0]["target_logits"].argmax(-1).numpy()
         for name, first in models[0]["peers"].items():
@@ -187,7 +208,7 @@ def evaluate_point(args, a, data, below: int, members: np.ndarray) -> dict:
                          "val_accuracy": rows[0]["val_accuracy"],
                          "train_seconds": models[0]["train_seconds"], "setup_s": first["seconds"],
                          **M.identical_class(first["predicted"], predicted, y),
-                         "agreement": seed_agreement(first["true"], models[1]["peers"][name]["true"])})  # fmt: skip
+                         "agreement": seed_agreement(first["true"], models[1]["peers"][name]["true"], labels=y)})  # fmt: skip
     if losses is None:  # --num_subsets 0: agreement and accuracy only
         return {"rows": rows, "retrain_seconds": 0.0}
     rows.append(label_baseline(y, y_t, members, losses, rows[0]))
@@ -252,20 +273,27 @@ def markdown(r: dict) -> str:
         "halves retrained from seed 0's init, minibatches and masks (so K > 1 is scored against one model's "
         "retraining). Seed agreement: models 0..K-1 against K..2K-1 (peers: model 0 against model 1); pairwise = "
         "per-target Spearman of the N scores, mean influence = Spearman of the mean over targets (the cleansing "
-        "ranking). Training seconds: the K models together, on the cache.",
+        "ranking; within label: among the sentences of one label, averaged). Training seconds: the K models together, on the cache.",
+        "",
+        "Signal share (linear rows): 1 - var(scores of never-trained ids) / var(scores of the training ids) under "
+        "the same target gradient, mean over targets (`hf_turnover.pooled.signal_share`): the part of a linear "
+        "score's spread that is the training rather than the mask draw. Pooled: `method=\"pooled\"` "
+        "(`hf_turnover.pooled`), groups by label and the top principal components of each model's head input.",
         "",
         "| set-up | halves | method | K | val acc | train s | LDS ± SE over targets (± jackknife SE over halves) | helpful top-1 same class | pairwise Spearman | "
-        "mean-influence Spearman | top-10 overlap |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "mean-influence Spearman | within label | top-10 overlap | signal share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for p in r["points"]:
         for row in p["rows"]:
             ag = row.get("agreement")
-            cells = (f"{ag['pairwise_spearman']:.3f} | {ag['mean_influence_spearman']:.3f} | {ag['top_k_overlap']:.3f}"
-                     if ag else "– | – | –")  # fmt: skip
+            within = ag.get("mean_influence_spearman_within_label") if ag else None
+            cells = (f"{ag['pairwise_spearman']:.3f} | {ag['mean_influence_spearman']:.3f} | "
+                     f"{'–' if within is None else f'{within:.3f}'} | {ag['top_k_overlap']:.3f}"
+                     if ag else "– | – | – | –")  # fmt: skip
             lines.append(f"| {label(p['point'])} | {p['point'].get('halves', r['arguments']['num_subsets'])} | {row['method']} | {row['models']} | {row['val_accuracy']:.3f} | "
                          f"{row['train_seconds']:.0f} | {_lds(row)} | "
-                         f"{_rate(row['helpful_same_class'])} | {cells} |")  # fmt: skip
+                         f"{_rate(row['helpful_same_class'])} | {cells} | {_rate(row.get('signal_share'))} |")  # fmt: skip
     return "\n".join([*lines, ""])
 
 
@@ -278,22 +306,28 @@ def plot(r: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for p in r["points"]:
-        turn = [row for row in p["rows"] if row["method"].startswith("turn-over")]
-        x = [row["train_seconds"] for row in turn]
-        (line,) = axes[0].plot(x, [_nan(row["lds"]) for row in turn], "o-", label=label(p["point"]))
-        axes[0].errorbar(x, [_nan(row["lds"]) for row in turn], yerr=[_nan(row["lds_halves_se"]) for row in turn], fmt="none",
-                         ecolor=line.get_color(), alpha=0.5)  # fmt: skip
-        agreed = [row for row in turn if "agreement" in row]
-        axes[1].plot([row["train_seconds"] for row in agreed],
-                     [row["agreement"]["mean_influence_spearman"] for row in agreed], "o-", color=line.get_color())  # fmt: skip
+        color = None
+        for method, style in (("turn-over linear", "o-"), ("turn-over pooled", "^--")):
+            turn = [row for row in p["rows"] if row["method"] == method]
+            if not turn:
+                continue
+            x = [row["train_seconds"] for row in turn]
+            (line,) = axes[0].plot(x, [_nan(row["lds"]) for row in turn], style, color=color,
+                                   label=label(p["point"]) if color is None else None)  # fmt: skip
+            color = line.get_color()
+            axes[0].errorbar(x, [_nan(row["lds"]) for row in turn], yerr=[_nan(row["lds_halves_se"]) for row in turn],
+                             fmt="none", ecolor=color, alpha=0.5)  # fmt: skip
+            agreed = [row for row in turn if "agreement" in row]
+            axes[1].plot([row["train_seconds"] for row in agreed],
+                         [row["agreement"]["mean_influence_spearman"] for row in agreed], style, color=color)  # fmt: skip
         for row, marker in zip(
             (row for row in p["rows"] if "agreement" in row and not row["method"].startswith("turn-over")),
             "sD",
             strict=False,
         ):
-            axes[0].plot(row["train_seconds"], _nan(row["lds"]), marker, color=line.get_color(), mfc="none")
+            axes[0].plot(row["train_seconds"], _nan(row["lds"]), marker, color=color, mfc="none")
             axes[1].plot(row["train_seconds"], row["agreement"]["mean_influence_spearman"], marker,
-                         color=line.get_color(), mfc="none")  # fmt: skip
+                         color=color, mfc="none")  # fmt: skip
     for p in r["points"][:1]:
         base = next((row for row in p["rows"] if row["method"].startswith("label match")), None)
         if base is not None:
@@ -304,7 +338,9 @@ def plot(r: dict, path: Path) -> None:
     axes[1].set(xscale="log", xlabel="training seconds (K models)", ylabel="Spearman, mean influence",
                 title="Agreement across seeds")  # fmt: skip
     axes[0].legend(
-        fontsize=7, title="turn-over, K = 1, 2, 4...: o-; peers: s IF, D grad dot", title_fontsize=7
+        fontsize=7,
+        title="turn-over K = 1, 2, 4...: o- linear, ^-- pooled; peers: s IF, D grad dot",
+        title_fontsize=7,
     )
     for ax in axes:  # plain seconds on the log axis, no crowded minor labels
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())

@@ -317,12 +317,22 @@ def turnover_self_influence(model, hidden: Hidden, labels: torch.Tensor, chunk: 
 
 
 def turnover_scores(
-    model, hidden: Hidden, labels, num_train: int, method: str, batch_size=None, reference=None
+    model,
+    hidden: Hidden,
+    labels,
+    num_train: int,
+    method: str,
+    batch_size=None,
+    reference=None,
+    basis=None,
+    first_id: int = 0,
 ) -> np.ndarray:
-    """(T, N) ``I(z_t, z_i)`` through :func:`hf_turnover.estimate_influence` on the cut model."""
+    """(T, N) ``I(z_t, z_i)`` of ids ``first_id .. first_id + num_train - 1`` through
+    :func:`hf_turnover.estimate_influence` on the cut model."""
     rows = [{"inputs_embeds": hidden.row(i), "attention_mask": torch.ones(int(hidden.lengths[i]), dtype=torch.long),
              "labels": int(labels[i])} for i in range(len(hidden))]  # fmt: skip
-    result = hf_turnover.estimate_influence(model, None, rows, train_ids=list(range(num_train)), method=method,
-                                            reference=reference, batch_size=batch_size, check_fingerprint=False,
-                                            progress=False)  # fmt: skip
-    return score_matrix(result, range(len(rows)), np.arange(num_train))[0]
+    ids = np.arange(first_id, first_id + num_train)
+    result = hf_turnover.estimate_influence(model, None, rows, train_ids=ids.tolist(), method=method,
+                                            reference=reference, basis=basis, batch_size=batch_size,
+                                            check_fingerprint=False, progress=False)  # fmt: skip
+    return score_matrix(result, range(len(rows)), ids)[0]
