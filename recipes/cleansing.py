@@ -5,8 +5,8 @@
 1. Train a sentiment classifier with turn-over dropout on the movie sentences (bundled Rotten Tomatoes train,
    8,454 sentences): all-MiniLM-L6-v2 with ``seq_bn`` bottleneck adapters in its top 3 layers (1,536 units in the
    top one, 384 in the two below), turn-over masks on those adapters and on the classifier input.
-2. Mean influence (linearized, and centered: ``--centered``) of every training sentence on the 200 Amazon
-   electronics validation sentences; the peer scores (gradient dot product, last-layer influence function,
+2. Mean influence (linearized; centered: ``--centered``; pooled: ``--pooled``) of every training sentence on the
+   200 Amazon electronics validation sentences; the peer scores (gradient dot product, last-layer influence function,
    training loss) on the same model.
 3. Remove the 1% of training sentences with the most negative score (they raised the target loss) by each method.
 4. Retrain WITHOUT turn-over (ordinary dropout) on the full set, on the set minus 1% random sentences and on each
@@ -63,11 +63,13 @@ from hf_turnover.config import TurnoverArguments
 from hf_turnover.influence import mean_influence
 from hf_turnover.linear import reference_gradient
 from hf_turnover.model import get_turnover_config
+from hf_turnover.pooled import PooledBasis, head_features
 from hf_turnover.results import save_scores, scores_dataset
 
 logger = logging.getLogger(__name__)
 TURNOVER = "turn-over mean influence"
 CENTERED = "turn-over centered mean influence"
+POOLED = "turn-over pooled mean influence"
 
 
 @dataclass
@@ -157,6 +159,16 @@ def score_training_set(args, turnover_args, training_args, data: PreparedData, o
                                   reference=reference, **options)  # fmt: skip
         save_scores(centered, output / "mean_influence_centered.parquet")
         rankings[CENTERED] = dict(zip(centered["train_id"], centered["score"], strict=True))
+    if args.pooled:
+        ids = np.asarray(data.train["instance_id"])
+        features = head_features(
+            trainer.model, reference_batches(data.train, data.collator, rows=range(len(ids)))
+        )
+        basis = PooledBasis.from_features(ids, data.train["label"], features)
+        pooled = mean_influence(trainer.model, data.train, data.validation, method="pooled", basis=basis,
+                                **options)  # fmt: skip
+        save_scores(pooled, output / "mean_influence_pooled.parquet")
+        rankings[POOLED] = dict(zip(pooled["train_id"], pooled["score"], strict=True))
     peers = peer_scores(trainer.model, data.train, data.validation, data.collator)
     ids = np.asarray(data.train["instance_id"])
     save_scores(

@@ -113,6 +113,13 @@ class CleansingArguments:
             "sentences under their predicted labels), retrained as one more condition."
         },
     )
+    pooled: bool = field(
+        default=False,
+        metadata={
+            "help": "Also rank by pooled mean influence (method='pooled': groups by label and the top principal "
+            "components of the classifier's input over every training row; see hf_turnover.pooled)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.setup not in ("frozen", "adapters"):
@@ -195,10 +202,10 @@ def load_splits(args: Any) -> dict[str, datasets.Dataset]:
     return splits
 
 
-def reference_batches(train: datasets.Dataset, collator: Any, batch_size: int = 64):
+def reference_batches(train: datasets.Dataset, collator: Any, batch_size: int = 64, rows=None):
     """Model inputs (no labels) of the training rows the library averages into the centered method's reference
-    (:func:`hf_turnover.explain.reference_rows`)."""
-    rows = reference_rows(len(train))
+    (:func:`hf_turnover.explain.reference_rows`), or of ``rows`` (positions, in order)."""
+    rows = reference_rows(len(train)) if rows is None else rows
     columns = [c for c in ("inputs_embeds", "sentence_embedding", "label") if c in train.column_names]
     train = train.select_columns(columns)
     for start in range(0, len(rows), batch_size):

@@ -166,7 +166,7 @@ def test_frozen_setup_still_runs(recipe, tmp_path):
     options = {
         "setup": "frozen", "max_train_samples": 60, "max_validation_samples": 8, "max_test_samples": 20,
         "num_seeds": 2, "num_train_epochs": 1, "remove_fraction": 0.1, "hidden_size": 16, "peers": "",
-        "output_dir": out, "disable_tqdm": "true", "seed": 0,
+        "output_dir": out, "disable_tqdm": "true", "seed": 0, "pooled": "true",
     }  # fmt: skip
     results = recipe("cleansing").main([item for k, v in options.items() for item in (f"--{k}", str(v))])
     assert [r["condition"] for r in results["rows"]] == [
@@ -174,8 +174,15 @@ def test_frozen_setup_still_runs(recipe, tmp_path):
         "random removal",
         "turn-over mean influence",
         "turn-over centered mean influence",
+        "turn-over pooled mean influence",
     ]
     assert len(results["removed_train_ids"]["turn-over mean influence"]) == 6
+    pooled = load_scores(out / "mean_influence_pooled.parquet").to_pandas().set_index("train_id").score
+    assert len(pooled) == 60 and not pooled.equals(
+        load_scores(out / "mean_influence.parquet").to_pandas().score
+    )
+    removed = results["removed_train_ids"]["turn-over pooled mean influence"]
+    assert list(removed) == pooled.sort_values(kind="stable").index[:6].tolist()
 
 
 def test_paired_batches_skip_removed_rows_in_place_and_train_on_exactly_them(recipe, tmp_path):
