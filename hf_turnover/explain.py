@@ -19,6 +19,7 @@ from .inputs import (
     label_column,
     model_input_names,
     pad_rows,
+    padded_batches,
     python_format,
     to_batch,
 )
@@ -245,6 +246,27 @@ def training_pooled_basis(
     unsorted = torch.empty_like(features)
     unsorted[torch.as_tensor(order)] = features
     return PooledBasis.from_features(ids, y, unsorted, num_components)
+
+
+def dataset_pooled_basis(
+    model: nn.Module,
+    train_dataset: datasets.Dataset,
+    *,
+    batch_size: int = 64,
+    num_components: int = COMPONENTS,
+) -> PooledBasis:
+    """The :class:`~hf_turnover.pooled.PooledBasis` of a training set of model inputs (token ids, or any input
+    columns the model takes) with its id and label columns: the head input of every row, in padded batches."""
+    labels = label_column(train_dataset.column_names)
+    if labels is None:
+        raise ValueError(
+            f"method='pooled' groups training rows by label: the training set has no label column "
+            f"(labels/label; it has {train_dataset.column_names})."
+        )
+    ids = integer_column(train_dataset, model.turnover_config.id_column)
+    batches = (inputs for _, inputs, _ in padded_batches(train_dataset, model, batch_size, model.device))
+    features = head_features(model, batches)
+    return PooledBasis.from_features(ids, integer_column(train_dataset, labels), features, num_components)
 
 
 def _linear_pass(

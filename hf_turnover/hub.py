@@ -34,6 +34,7 @@ from .card import model_card
 from .default_model import DEFAULT_MODEL_DIR
 from .modeling_turnover import TurnoverBertConfig, TurnoverBertForSequenceClassification
 from .pipeline_turnover import TASK, InfluencePipeline
+from .pooled import PooledBasis
 
 
 def register_with_transformers() -> None:
@@ -81,6 +82,7 @@ def save_turnover_model(
     train_dataset: datasets.Dataset,
     card: dict[str, Any] | None = None,
     centered_reference: dict[str, torch.Tensor] | None = None,
+    pooled_basis: PooledBasis | None = None,
 ) -> Path:
     """Save ``model`` with its code, tokenizer, training set and model card, Hub-ready (atomically).
 
@@ -93,12 +95,16 @@ def save_turnover_model(
     ``eval_split``, ``repo_id``, ``base_model``, ``command`` (see :func:`hf_turnover.card.model_card`).
     ``centered_reference``: the reference gradient of ``method="centered"`` if already computed
     (:func:`hf_turnover.explain.training_reference`); else it is computed from ``train_dataset`` here.
+    ``pooled_basis``: the groups of ``method="pooled"`` (:func:`hf_turnover.explain.dataset_pooled_basis`),
+    saved beside the model; without it the pipeline builds them on first use.
     """
     model = TurnoverBertForSequenceClassification.from_model(model)  # a plain BERT with adapters converts
     card_text = str(model_card(model, **(card or {})))  # before writing anything: a bad card fails early
     pipe = InfluencePipeline(model=model, tokenizer=tokenizer, train_dataset=train_dataset, task=TASK)
     if centered_reference is not None:
         pipe.set_centered_reference(centered_reference)
+    if pooled_basis is not None:
+        pipe.set_pooled_basis(pooled_basis)
     pipe.save_pretrained(save_directory, card=card_text)  # atomic: model, code, tokenizer, training set, card
     return Path(save_directory)
 

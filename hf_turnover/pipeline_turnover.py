@@ -353,6 +353,12 @@ class InfluencePipeline(Pipeline):
             )
         return self._basis
 
+    def set_pooled_basis(self, basis: PooledBasis) -> None:
+        """Use ``basis`` (e.g. built by a training script on cached inputs) for ``method="pooled"`` and when
+        saving."""
+        self._basis = basis
+        self._scorers = {k: v for k, v in self._scorers.items() if k[0] != "pooled"}
+
     def postprocess(self, outputs: dict[str, Any]) -> dict[str, Any]:
         """The library explanation (labels are already names) with the text's own fields; no ``true_label``
         (a text carries none)."""

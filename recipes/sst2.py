@@ -84,8 +84,9 @@ class RecipeArguments:
         default="linear",
         metadata={
             "help": "Scoring of the explanations: 'linear' (first order in the masks), 'centered' (linear, minus "
-            "the training set's typical gradient: see hf_turnover.linear) or 'exact' (the paper). Self-influence "
-            "uses 'linear' for 'centered' (gold labels: nothing to center)."
+            "the training set's typical gradient: see hf_turnover.linear), 'pooled' (linear, pooled over groups "
+            "of alike training sentences: see hf_turnover.pooled) or 'exact' (the paper). Self-influence uses "
+            "'linear' for 'centered' and 'pooled'."
         },
     )
     paper_scale: bool = field(
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     if not trainer.is_world_process_zero():
         return  # scoring and writing happen once, on the main process
     accuracy, model = float(prediction.metrics["test_accuracy"]), trainer.model.eval()
-    self_scores, reference, scorer, checks = score(
+    self_scores, reference, basis, scorer, checks = score(
         model, data, recipe, training_args, tokenizer, data_args.max_length, timings
     )
     command = (
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         "faithfulness": checks,
     }  # fmt: skip
     save_turnover_model(model, output / "model", tokenizer=tokenizer, train_dataset=data.train, card=card,
-                        centered_reference=reference)  # fmt: skip
+                        centered_reference=reference, pooled_basis=basis)  # fmt: skip
     plot_learning_curves(trainer.state.log_history, output / "learning_curves.png")
     explained = write_influence_outputs(
         model, data.train, self_scores, data.validation, data.validation_tok, prediction.predictions, data_args,

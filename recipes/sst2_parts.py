@@ -18,7 +18,12 @@ from torch import nn
 
 from hf_turnover.atomic import atomic_write_text
 from hf_turnover.evaluation import explanation_checks
-from hf_turnover.explain import explain_prediction, explain_predictions, training_reference
+from hf_turnover.explain import (
+    dataset_pooled_basis,
+    explain_prediction,
+    explain_predictions,
+    training_reference,
+)
 from hf_turnover.influence import self_influence
 from hf_turnover.linear import make_scorer
 from hf_turnover.plots import plot_self_influence
@@ -138,22 +143,27 @@ def top_self_influence(scores: datasets.Dataset, train: datasets.Dataset, text_c
 def score(model, data, recipe, training_args, tokenizer, max_length: int, timings: dict):
     """Self-influence of every training sentence (Figure 7) on the training inputs, with gold labels (so
     ``linear`` for ``centered``: nothing to center), then the model back on token inputs, the centered reference
-    (``--method centered``) and the explanation checks; returns (self-influence, reference, scorer, checks)."""
+    (``--method centered``), the pooled basis (always: it travels with the model) and the explanation checks;
+    returns (self-influence, reference, basis, scorer, checks)."""
     start = time.time()
-    self_method = "linear" if recipe.method == "centered" else recipe.method
+    self_method = "linear" if recipe.method in ("centered", "pooled") else recipe.method
     batch_size = training_args.per_device_eval_batch_size
     self_scores = self_influence(model, data.train_in, batch_size=batch_size, method=self_method)
     timings["self_influence_s"] = time.time() - start
+    start = time.time()  # the pooled method's groups, saved with the model: seconds on the cached inputs
+    basis = dataset_pooled_basis(model, data.train_in, batch_size=batch_size)
+    timings["pooled_basis_s"] = time.time() - start
     if data.below:
         restore_bottom(model)  # token inputs again: explanations, saving and pushing
     reference, start = None, time.time()
     if recipe.method == "centered":
         reference = training_reference(model, tokenizer, data.train, max_length=max_length)
         timings["centered_reference_s"] = time.time() - start
-    scorer = make_scorer(model, recipe.method, reference)  # one for the checks and the report: one mask table
+    pooled = basis if recipe.method == "pooled" else None
+    scorer = make_scorer(model, recipe.method, reference, basis=pooled)  # one for the checks and the report
     checks, start = None, time.time()
     if recipe.num_checked:
         checks = check_explanations(model, data.train, data.validation_tok, recipe, scorer)
         timings["explanation_checks_s"] = time.time() - start
         logger.info(f"Explanation checks: {checks}")
-    return self_scores, reference, scorer, checks
+    return self_scores, reference, basis, scorer, checks

@@ -104,6 +104,24 @@ def test_saved_model_explains_with_the_pipeline(recipe_output):
     assert {item["label"] for item in out["helpful"]} == {out["restricted_to_label"]}
 
 
+def test_saved_model_carries_the_pooled_basis(recipe_output, monkeypatch):
+    """The recipe builds the pooled method's groups on its cached inputs and saves them: the pipeline reads them
+    (the same ids as the training set) instead of running every training sentence again."""
+    import hf_turnover.pipeline_turnover as module
+    from hf_turnover.modeling_turnover import TurnoverBertForSequenceClassification
+    from hf_turnover.pipeline_turnover import InfluencePipeline
+
+    monkeypatch.setattr(module, "training_pooled_basis", lambda *a, **k: pytest.fail("rebuilt"))
+    pipe = InfluencePipeline(
+        model=TurnoverBertForSequenceClassification.from_pretrained(recipe_output / "model")
+    )
+    assert sorted(pipe.pooled_basis().ids.tolist()) == sorted(pipe.train_dataset["instance_id"])
+    out = pipe("a gorgeous , witty movie .", top_k=2, method="pooled")
+    assert len(out["helpful"]) == 2 and all(item["score"] > 0 for item in out["helpful"])
+    timings = json.loads((recipe_output / "results.json").read_text())
+    assert "pooled_basis_s" in json.dumps(timings)
+
+
 def test_lora_option_masks_the_rank_units(tmp_path, monkeypatch):
     """`--adapter_config lora`, in-process: adapters' LoRA on query and value of every layer, turn-over on its rank
     units (and the baseline's plain dropout on the same units); the saved model carries them."""
