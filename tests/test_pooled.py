@@ -214,3 +214,24 @@ def test_saved_basis_scores_in_a_fresh_process_without_hf_turnover(tmp_path):
     assert [i["train_id"] for i in fresh["helpful"]] == [i["train_id"] for i in expected["helpful"]]
     np.testing.assert_allclose([i["score"] for i in fresh["helpful"]], [i["score"] for i in expected["helpful"]],
                                rtol=1e-4)  # fmt: skip
+
+
+def test_embedded_default_ships_its_basis(monkeypatch):
+    """The embedded default reads its saved groups (built once from its 8,454 training sentences, a 2-minute pass
+    on a CPU) instead of rebuilding them; its pooled explanations of a confident prediction carry its label."""
+    from transformers import pipeline
+
+    import hf_turnover.pipeline_turnover as module
+    from hf_turnover.default_model import DEFAULT_MODEL_DIR
+    from hf_turnover.explain import POOLING_FILE
+    from hf_turnover.hub import register_with_transformers
+
+    if not (DEFAULT_MODEL_DIR / POOLING_FILE).is_file():
+        pytest.skip("the embedded default is not built")
+    register_with_transformers()
+    monkeypatch.setattr(module, "training_pooled_basis", lambda *a, **k: pytest.fail("rebuilt"))
+    explain = pipeline("turnover-influence")
+    basis = explain.pooled_basis()
+    assert sorted(basis.ids.tolist()) == sorted(explain.train_dataset["instance_id"])
+    out = explain("A gorgeous, witty, seductive movie.", top_k=3, method="pooled")
+    assert {item["label"] for item in out["helpful"]} == {out["prediction"]["label"]}
