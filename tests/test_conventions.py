@@ -40,10 +40,12 @@ def trained(tmp_path_factory):
     return InfluencePipeline(model=model, tokenizer=tokenizer, train_dataset=train), train, tmp
 
 
-def test_one_default_method_everywhere():
+def test_one_default_method_in_the_library_and_one_in_the_pipeline():
+    """The library functions take "linear" (it needs nothing but the model); the pipeline, which carries its
+    training set's pooled basis, takes "pooled"."""
     for function in (explain_prediction, explain_predictions, estimate_influence, make_scorer):
         assert inspect.signature(function).parameters["method"].default == "linear", function.__name__
-    assert InfluencePipeline._forward.__defaults__[-1] == "linear"
+    assert InfluencePipeline._forward.__defaults__[-1] == "pooled"
 
 
 def test_mean_and_self_influence_default_to_linear(trained):
@@ -57,7 +59,7 @@ def test_mean_and_self_influence_default_to_linear(trained):
 
 def test_library_and_pipeline_share_one_schema(trained):
     pipe, train, _ = trained
-    out = pipe("w1 w2 w3", top_k=4)
+    out = pipe("w1 w2 w3", top_k=4, method="linear")
     library = explain_prediction(pipe.model, train, dict(pipe.tokenizer("w1 w2 w3")), top_k=4)
     assert set(library) - {"true_label"} <= set(out)
     assert library["prediction"] == out["prediction"] and library["helpful"] == out["helpful"]
@@ -68,7 +70,7 @@ def test_library_and_pipeline_share_one_schema(trained):
 @pytest.mark.parametrize("top_k", [None, 10**9])
 def test_top_k_is_clipped_and_sign_consistent(trained, top_k):
     pipe, train, _ = trained
-    for method in ("linear", "exact"):
+    for method in ("pooled", "linear", "exact"):
         out = pipe("w1 w2 w3", top_k=top_k, method=method)
         helpful, harmful = out["helpful"], out["harmful"]
         assert all(i["score"] > 0 for i in helpful) and all(i["score"] < 0 for i in harmful)
@@ -81,7 +83,7 @@ def test_top_k_is_clipped_and_sign_consistent(trained, top_k):
 def test_percentile_is_the_rank_among_all_scored_instances(trained):
     """Raw scores change scale from query to query; the percentile is comparable: 100 = highest, 0 = lowest."""
     pipe, train, _ = trained
-    out = pipe("w12 w14 w16 w2", top_k=None)
+    out = pipe("w12 w14 w16 w2", top_k=None, method="linear")  # no ties (pooled ones tie in order of position)
     target = dict(
         pipe.tokenizer("w12 w14 w16 w2"), label=pipe.model.config.label2id[out["prediction"]["label"]]
     )

@@ -80,10 +80,10 @@ def test_scores_are_the_engine_scores_for_the_predicted_label(trained):
     assert listed == pytest.approx({k: v for k, v in expected.items() if v != 0}, abs=1e-6)
 
 
-def test_linear_is_the_default_method(trained):
+def test_pooled_is_the_default_method(trained):
     pipe, _, _ = trained
-    assert pipe("w1 w2 w3", top_k=4) == pipe("w1 w2 w3", top_k=4, method="linear")
-    assert pipe("w1 w2 w3", top_k=4) != pipe("w1 w2 w3", top_k=4, method="exact")
+    assert pipe("w1 w2 w3", top_k=4) == pipe("w1 w2 w3", top_k=4, method="pooled")
+    assert pipe("w1 w2 w3", top_k=4) != pipe("w1 w2 w3", top_k=4, method="linear")
 
 
 def test_linear_method_scores_are_the_engine_linear_scores(trained):
@@ -236,10 +236,10 @@ def test_saved_pipeline_runs_in_a_fresh_process_without_hf_turnover(trained, tmp
     expected = [
         pipe("w1 w2 w3", top_k=3, method="exact"),
         pipe(["w12 w14", "w5 w6"], top_k=2, restrict_to_label=True, method="exact"),
-        pipe("w1 w2 w3", top_k=3, method="linear"),  # the default
+        pipe("w1 w2 w3", top_k=3, method="pooled"),  # the default
     ]
     assert fresh[:2] == json.loads(json.dumps(expected[:2]))  # bit-identical floats survive JSON round trips
-    # The linear scores' backward reductions are split by thread count: equal to float rounding.
+    # The pooled scores' backward reductions are split by thread count: equal to float rounding.
     assert_close(fresh[2], json.loads(json.dumps(expected[2])))
 
 

@@ -178,12 +178,11 @@ def test_pipeline_pooled_basis_is_built_saved_and_read_back(tmp_path, monkeypatc
 
     model, tokenizer, train = make_saved(tmp_path)
     pipe = InfluencePipeline(model=model, tokenizer=tokenizer, train_dataset=train)
-    pipe.save_pretrained(tmp_path / "no_basis")
-    assert not (tmp_path / "no_basis" / POOLING_FILE).exists()  # nothing built, nothing written
     out = pipe("w1 w2 w3", top_k=None, method="pooled")
     assert all(i["score"] > 0 for i in out["helpful"]) and all(i["score"] < 0 for i in out["harmful"])
     assert pipe.pooled_basis().ids.tolist() == train["instance_id"]
     pipe.save_pretrained(tmp_path / "pipe")
+    assert (tmp_path / "pipe" / POOLING_FILE).is_file()
     monkeypatch.setattr(module, "training_pooled_basis", lambda *a, **k: pytest.fail("rebuilt"))
     loaded = InfluencePipeline(
         model=TurnoverBertForSequenceClassification.from_pretrained(tmp_path / "pipe"), tokenizer=tokenizer
