@@ -72,7 +72,8 @@ from .wide import wide_adapter_config  # noqa: F401
 logger = logging.get_logger(__name__)
 
 TASK = "turnover-influence"
-DEFAULT_METHOD = "pooled"  # "linear" (the library's default), "centered", "exact" (the paper): a call argument away
+# "linear" (the library functions' default), "centered" and "exact" (the paper) are a call argument away
+DEFAULT_METHOD = "pooled"
 DEFAULT_TOP_K = 5  # instances per side
 DEFAULT_TEXT_BATCH = 16  # texts per forward and backward pass of the linear methods
 CUSTOM_PIPELINE = {

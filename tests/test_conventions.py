@@ -83,7 +83,8 @@ def test_top_k_is_clipped_and_sign_consistent(trained, top_k):
 def test_percentile_is_the_rank_among_all_scored_instances(trained):
     """Raw scores change scale from query to query; the percentile is comparable: 100 = highest, 0 = lowest."""
     pipe, train, _ = trained
-    out = pipe("w12 w14 w16 w2", top_k=None, method="linear")  # no ties (pooled ones tie in order of position)
+    # linear: pooled scores may tie, and ties take their percentiles in order of position
+    out = pipe("w12 w14 w16 w2", top_k=None, method="linear")
     target = dict(
         pipe.tokenizer("w12 w14 w16 w2"), label=pipe.model.config.label2id[out["prediction"]["label"]]
     )
