@@ -82,3 +82,14 @@ def test_without_halves_only_agreement(frontier, tmp_path, monkeypatch):
         "agreement" in r for r in rows
     )  # linear, pooled; K 1, 2
     assert "– (no halves)" in (tmp_path / "results.md").read_text()
+
+
+def test_first_target_moves_the_targets(tmp_path, monkeypatch):
+    """--first_target 2: the targets are test-split positions 2.. (targets a run never looked at)."""
+    sys.path[:0] = [str(BENCHMARKS), str(COMMON)]
+    import frontier
+
+    monkeypatch.setitem(frontier.SMOKE, "num_subsets", 0)
+    results = frontier.main(["--output_dir", str(tmp_path), "--smoke", "true", "--peers", "false",
+                             "--first_target", "2", "--max_models", "1"])  # fmt: skip
+    assert results["num_targets"] == 3 and "(test-split positions 2-4)" in (tmp_path / "results.md").read_text()

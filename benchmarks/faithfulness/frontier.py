@@ -62,6 +62,10 @@ class FrontierArguments:
     )  # fmt: skip
     num_train: int = field(default=8454, metadata={"help": "Training sentences N."})
     num_targets: int = field(default=100, metadata={"help": "Held-out test-split targets."})
+    first_target: int = field(
+        default=0,
+        metadata={"help": "Test-split position of the first target (100: targets never looked at here)."},
+    )
     num_val: int | None = field(default=None, metadata={"help": "Validation sentences for accuracy (all)."})
     num_subsets: int = field(default=16, metadata={"help": "Random halves retrained on (LDS), per point."})
     max_models: int = field(default=4, metadata={"help": "Largest K; 2K models are trained per point."})
@@ -93,8 +97,9 @@ def parse_points(text: str) -> list[dict]:
 
 
 def setup_arguments(args: FrontierArguments, point: dict) -> MiniLMTopArguments:
-    base = MiniLMTopArguments(num_train=args.num_train, num_targets=args.num_targets, num_val=args.num_val,
-                              cache_to_disk=args.cache_to_disk, threads=args.threads, smoke=args.smoke)  # fmt: skip
+    base = MiniLMTopArguments(num_train=args.num_train, num_targets=args.first_target + args.num_targets,
+                              num_val=args.num_val, cache_to_disk=args.cache_to_disk, threads=args.threads,
+                              smoke=args.smoke)  # fmt: skip
     names = {"epochs": "num_train_epochs", "lr": "learning_rate", "schedule": "lr_schedule"}
     out = replace(base, **{names.get(k, k): v for k, v in point.items()})
     out.masked_layers = out.top_layers
@@ -263,7 +268,8 @@ def markdown(r: dict) -> str:
         "",
         f"Written by `benchmarks/faithfulness/frontier.py`. Command: `{r['command']}`",
         f"Wall time {r['wall_seconds'] / 60:.1f} min on {r['machine']} ({r['arguments']['threads']} torch thread(s), "
-        f"other jobs running). N = {r['num_train']}, {r['num_targets']} held-out targets, "
+        f"other jobs running). N = {r['num_train']}, {r['num_targets']} held-out targets (test-split positions "
+        f"{r['arguments'].get('first_target', 0)}-{r['arguments'].get('first_target', 0) + r['num_targets'] - 1}), "
         f"{r['arguments']['num_subsets']} halves per point (`random_half_subsets(N, J, seed=1)`).",
         "",
         "Set-up: all-MiniLM-L6-v2 (frozen) + `seq_bn` adapters in the top two layers (W units in the top one, "
@@ -389,6 +395,10 @@ def main(argv: list[str] | None = None) -> dict:
     below = top.frozen_below(model)
     _, data = load_data(first, model, tokenizer, below)
     del model
+    if args.first_target:  # the targets after the first ones (load_data reads first_target + num_targets)
+        hidden_t, y_t = data["targets"]
+        keep = range(args.first_target, args.first_target + args.num_targets)
+        data["targets"] = (hidden_t.subset(keep), y_t[args.first_target :])
     n = len(data["train"][1])
     members = (
         random_half_subsets(n, args.num_subsets, seed=1) if args.num_subsets else np.zeros((0, n), np.int64)
