@@ -92,4 +92,6 @@ def test_first_target_moves_the_targets(tmp_path, monkeypatch):
     monkeypatch.setitem(frontier.SMOKE, "num_subsets", 0)
     results = frontier.main(["--output_dir", str(tmp_path), "--smoke", "true", "--peers", "false",
                              "--first_target", "2", "--max_models", "1"])  # fmt: skip
-    assert results["num_targets"] == 3 and "(test-split positions 2-4)" in (tmp_path / "results.md").read_text()
+    assert (
+        results["num_targets"] == 3 and "(test-split positions 2-4)" in (tmp_path / "results.md").read_text()
+    )
