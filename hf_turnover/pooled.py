@@ -150,9 +150,12 @@ def signal_share(scores: torch.Tensor, noise_scores: torch.Tensor) -> torch.Tens
 
 def choose_components(n: torch.Tensor, g: torch.Tensor, num_labels: int) -> torch.Tensor:
     """``(T,)`` components k per target: the fewest of 0, 1, 2, 4, ... K whose fit on half of the units best
-    predicts the other half (mean squared error over ``SPLITS`` random halves, a fixed seed)."""
+    predicts the other half (mean squared error over ``SPLITS`` random halves, a fixed seed); 0 (labels only)
+    where the masked units are too few (under 4 per fitted unknown) to compare fits."""
     width, max_cols = n.shape
     options = [k for k in (0, 1, 2, 4, 8, 16, 32, 64) if num_labels * (1 + k) <= min(max_cols, width // 4)]
+    if len(options) < 2:  # too few units to compare fits: labels only
+        return torch.zeros(len(g), dtype=torch.int64, device=g.device)
     generator = torch.Generator().manual_seed(0)
     errors = torch.zeros(len(options), len(g), dtype=torch.float64, device=g.device)
     for _ in range(SPLITS):

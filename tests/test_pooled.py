@@ -234,3 +234,16 @@ def test_embedded_default_ships_its_basis(monkeypatch):
     assert sorted(basis.ids.tolist()) == sorted(explain.train_dataset["instance_id"])
     out = explain("A gorgeous, witty, seductive movie.", top_k=3, method="pooled")
     assert {item["label"] for item in out["helpful"]} == {out["prediction"]["label"]}
+
+
+def test_components_are_chosen_by_held_out_units_and_need_enough_units():
+    from hf_turnover.pooled import choose_components
+
+    g_ = torch.Generator().manual_seed(0)
+    n = torch.randn(400, 2 * 17, generator=g_, dtype=torch.float64)
+    psi = torch.zeros(2 * 17, 2, dtype=torch.float64)
+    psi[:2, 0] = 1.0  # target 0: labels only
+    psi[:10, 1] = 1.0  # target 1: labels and 4 components
+    g = (n @ psi).T + 0.1 * torch.randn(2, 400, generator=g_, dtype=torch.float64)
+    assert choose_components(n, g, 2).tolist() == [0, 4]
+    assert choose_components(n[:8], g[:, :8], 2).tolist() == [0, 0]  # 8 units: no room to compare fits
