@@ -95,3 +95,19 @@ def test_first_target_moves_the_targets(tmp_path, monkeypatch):
     assert (
         results["num_targets"] == 3 and "(test-split positions 2-4)" in (tmp_path / "results.md").read_text()
     )
+
+
+def test_pooled_control_reads_the_frontier_halves(frontier, tmp_path):
+    """benchmarks/faithfulness/pooled_control.py: the pooled fit with own and with never-trained masks, scored
+    against a frontier run's retrained halves (no retraining of its own)."""
+    _, out, results = frontier
+    import pooled_control
+
+    control = pooled_control.main(
+        ["--halves_from", str(out), "--output_dir", str(tmp_path), "--smoke", "true"]
+    )
+    assert [r["masks"] for r in control["rows"]] == ["own masks", "never-trained masks"]
+    for row in control["rows"]:
+        assert -1.0 <= row["lds"] <= 1.0 and 0.0 <= row["helpful_same_class"] <= 1.0
+    assert control["num_targets"] == results["num_targets"]
+    assert "| never-trained masks |" in (tmp_path / "results.md").read_text()
