@@ -226,8 +226,8 @@ def self_influence(
 
     ``train_dataset`` must hold the model inputs and labels (e.g. the tokenized training set). Here the
     training rows are the inputs, so ``batch_size`` counts them, as in transformers: rows per forward.
-    ``method="linear"`` (the default, as everywhere): one forward and backward pass of the full network per
-    batch, first order in the masks; ``method="exact"``: each batch under its own masks and then its flipped
+    ``method="linear"`` (the library functions' default): one forward and backward pass of the full network
+    per batch, first order in the masks; ``method="exact"``: each batch under its own masks and then its flipped
     ones (the paper). Other keyword arguments go to :class:`~hf_turnover.scorer.TurnoverScorer`.
     """
     scorer, train_dataset, ids = self_influence_setup(model, train_dataset, kwargs)

@@ -354,8 +354,8 @@ def make_scorer(
     basis: Any = None,
     **kwargs: Any,
 ) -> TurnoverScorer:
-    """A :class:`LinearScorer` (``method="linear"``, the default everywhere; ``"centered"`` with the ``reference``
-    gradient of :func:`reference_gradient`), a :class:`~hf_turnover.pooled.PooledScorer` (``"pooled"``, with the
+    """A :class:`LinearScorer` (``method="linear"``, the library functions' default; ``"centered"`` with the
+    ``reference`` gradient of :func:`reference_gradient`), a :class:`PooledScorer` (``"pooled"``, with the
     training set's ``basis``, a :class:`~hf_turnover.pooled.PooledBasis`) or :class:`TurnoverScorer` (``"exact"``)
     of ``model``. ``kwargs`` go to the scorer (``batch_size``: training ids per forward of the exact one)."""
     method = check_method(method)
