@@ -272,7 +272,7 @@ class PooledScorer(LinearScorer):
         num_labels = max(num_labels, int(basis.labels.max()) + 1 if len(basis.labels) else 1)
         g_design = basis.design(num_labels).to(device)  # (N, C)
         ids = basis.ids.to(device)
-        noise_ids = ids.max() + 1 + torch.arange(NOISE_IDS, device=device)
+        noise_ids = _unused_ids(ids, NOISE_IDS)
         table, noise = self.table(ids, widths), MaskTable(self.model, noise_ids, widths)
         n_blocks, q, q_noise = {}, 0, 0
         norm2 = torch.zeros(len(ids), dtype=torch.float64, device=device)
@@ -280,9 +280,9 @@ class PooledScorer(LinearScorer):
             p = turnover_hooks(self.model)[name].config.p
             _, c = self._coefficients(name)
             bits_t_g = torch.zeros(width, g_design.shape[1], dtype=torch.float64, device=device)
-            for start in range(0, len(ids), 4096):
-                bits = layer_bits(self.model, name, ids[start : start + 4096], width).double()
-                bits_t_g += bits.T @ g_design[start : start + 4096]
+            for start in range(0, len(ids), 1024):  # 1,024 x d dense bits at a time
+                bits = layer_bits(self.model, name, ids[start : start + 1024], width).double()
+                bits_t_g += bits.T @ g_design[start : start + 1024]
             n = c * (bits_t_g - p * g_design.sum(0))  # (d, C): X^T G
             n_blocks[name] = n
             shift = p * n.sum(0)  # (C,)
@@ -345,6 +345,21 @@ class PooledScorer(LinearScorer):
         raise ValueError(
             "method='pooled' scores targets against its training set; for self-influence use method='linear'."
         )
+
+
+def _unused_ids(ids: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` ids next to the training ids that none of them is: above the largest, or below the smallest
+    where the largest sits at the top of the mask hash's id range ``[0, 2**62)``."""
+    high, low = int(ids.max()), int(ids.min())
+    if high + count < 2**62:
+        start = high + 1
+    elif low >= count:
+        start = low - count
+    else:
+        raise ValueError(
+            f"method='pooled' needs {count} ids outside the training ids' range [{low}, {high}]."
+        )
+    return start + torch.arange(count, device=ids.device)
 
 
 def make_scorer(

@@ -247,3 +247,13 @@ def test_components_are_chosen_by_held_out_units_and_need_enough_units():
     g = (n @ psi).T + 0.1 * torch.randn(2, 400, generator=g_, dtype=torch.float64)
     assert choose_components(n, g, 2).tolist() == [0, 4]
     assert choose_components(n[:8], g[:, :8], 2).tolist() == [0, 0]  # 8 units: no room to compare fits
+
+
+def test_noise_ids_are_never_training_ids():
+    from hf_turnover.linear import _unused_ids
+
+    assert _unused_ids(torch.tensor([5, 9, 7]), 3).tolist() == [10, 11, 12]
+    top = torch.tensor([2**62 - 1, 100])
+    assert _unused_ids(top, 3).tolist() == [97, 98, 99]  # no room above: below the smallest
+    with pytest.raises(ValueError, match="outside the training ids"):
+        _unused_ids(torch.tensor([2, 2**62 - 1]), 3)
