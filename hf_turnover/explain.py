@@ -17,6 +17,7 @@ from .inputs import (
     check_target,
     integer_column,
     label_column,
+    length_order,
     model_input_names,
     pad_rows,
     padded_batches,
@@ -264,8 +265,12 @@ def dataset_pooled_basis(
             f"(labels/label; it has {train_dataset.column_names})."
         )
     ids = integer_column(train_dataset, model.turnover_config.id_column)
-    batches = (inputs for _, inputs, _ in padded_batches(train_dataset, model, batch_size, model.device))
+    order = length_order(train_dataset)  # similar lengths per batch: little padding; undone below
+    rows = train_dataset if order is None else train_dataset.select(order)
+    batches = (inputs for _, inputs, _ in padded_batches(rows, model, batch_size, model.device))
     features = head_features(model, batches)
+    if order is not None:
+        features[torch.as_tensor(order)] = features.clone()
     return PooledBasis.from_features(ids, integer_column(train_dataset, labels), features, num_components)
 
 

@@ -257,3 +257,27 @@ def test_noise_ids_are_never_training_ids():
     assert _unused_ids(top, 3).tolist() == [97, 98, 99]  # no room above: below the smallest
     with pytest.raises(ValueError, match="outside the training ids"):
         _unused_ids(torch.tensor([2, 2**62 - 1]), 3)
+
+
+def test_dataset_basis_reads_rows_in_length_order_and_returns_them_in_place(setup):
+    """Rows of different lengths, batched in length order (little padding): the basis equals the one built from
+    each row's features computed alone."""
+    import datasets
+
+    from hf_turnover.explain import dataset_pooled_basis
+
+    model = setup[0]
+    g_ = torch.Generator().manual_seed(4)
+    lengths = torch.randint(3, 9, (20,), generator=g_).tolist()
+    rows = {"input_ids": [torch.randint(1, 50, (n,), generator=g_).tolist() for n in lengths],
+            "attention_mask": [[1] * n for n in lengths], "labels": [i % 2 for i in range(20)],
+            "instance_id": list(range(500, 520))}  # fmt: skip
+    train = datasets.Dataset.from_dict(rows)
+    basis = dataset_pooled_basis(model, train, batch_size=6, num_components=3)
+    alone = head_features(
+        model, ({"input_ids": torch.tensor([r]), "attention_mask": torch.ones(1, len(r), dtype=torch.long)}
+                for r in rows["input_ids"])
+    )  # fmt: skip
+    expected = PooledBasis.from_features(rows["instance_id"], rows["labels"], alone, num_components=3)
+    assert basis.ids.tolist() == rows["instance_id"] and basis.labels.tolist() == rows["labels"]
+    torch.testing.assert_close(basis.components.abs(), expected.components.abs(), rtol=1e-3, atol=1e-3)
