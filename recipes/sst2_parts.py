@@ -150,7 +150,7 @@ def score(model, data, recipe, training_args, tokenizer, max_length: int, timing
     batch_size = training_args.per_device_eval_batch_size
     self_scores = self_influence(model, data.train_in, batch_size=batch_size, method=self_method)
     timings["self_influence_s"] = time.time() - start
-    start = time.time()  # the pooled method's groups, saved with the model: seconds on the cached inputs
+    start = time.time()  # the pooled method's groups, saved with the model: one pass on the cached inputs
     basis = dataset_pooled_basis(model, data.train_in, batch_size=batch_size)
     timings["pooled_basis_s"] = time.time() - start
     if data.below:
