@@ -381,6 +381,19 @@ def merge(args: FrontierArguments, out: Path) -> dict:
     return merged
 
 
+def load_frontier_data(args: FrontierArguments, a: MiniLMTopArguments) -> tuple[int, dict]:
+    """(first layer above the frozen ones, the cached splits) of set-up ``a``; the targets are test-split positions
+    ``args.first_target .. + args.num_targets`` (load_data reads the first ``first_target + num_targets``)."""
+    model = build(a, 0)
+    below = top.frozen_below(model)
+    _, data = load_data(a, model, AutoTokenizer.from_pretrained(M.backbone_path()), below)
+    if args.first_target:
+        hidden_t, y_t = data["targets"]
+        keep = range(args.first_target, args.first_target + args.num_targets)
+        data["targets"] = (hidden_t.subset(keep), y_t[args.first_target :])
+    return below, data
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_benchmark_arguments(FrontierArguments, argv, SMOKE)
     out = Path(args.output_dir)
@@ -389,16 +402,7 @@ def main(argv: list[str] | None = None) -> dict:
         return merge(args, out)
     points = parse_points(args.points)
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(M.backbone_path())
-    first = setup_arguments(args, points[0])
-    model = build(first, 0)
-    below = top.frozen_below(model)
-    _, data = load_data(first, model, tokenizer, below)
-    del model
-    if args.first_target:  # the targets after the first ones (load_data reads first_target + num_targets)
-        hidden_t, y_t = data["targets"]
-        keep = range(args.first_target, args.first_target + args.num_targets)
-        data["targets"] = (hidden_t.subset(keep), y_t[args.first_target :])
+    below, data = load_frontier_data(args, setup_arguments(args, points[0]))
     n = len(data["train"][1])
     members = (
         random_half_subsets(n, args.num_subsets, seed=1) if args.num_subsets else np.zeros((0, n), np.int64)

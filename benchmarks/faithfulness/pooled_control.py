@@ -28,8 +28,7 @@ import torch
 from bench_common import parse_benchmark_arguments
 from faithfulness_lib import minilm as M
 from faithfulness_lib import minilm_top as top
-from minilm_top_lds import build, load_data, train_options
-from transformers import AutoTokenizer
+from minilm_top_lds import build, train_options
 
 from hf_turnover.atomic import atomic_write_text
 from hf_turnover.evaluation import random_half_subsets, seed_agreement
@@ -68,14 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = F.setup_arguments(frontier_args, {k: point[k] for k in ("width", "epochs", "lr", "schedule")})
     losses = np.asarray(source["points"][0]["target_losses"])
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(M.backbone_path())
-    model = build(a, 0)
-    below = top.frozen_below(model)
-    _, data = load_data(a, model, tokenizer, below)
-    if frontier_args.first_target:
-        hidden_t, y_t = data["targets"]
-        keep = range(frontier_args.first_target, frontier_args.first_target + source["num_targets"])
-        data["targets"] = (hidden_t.subset(keep), y_t[frontier_args.first_target :])
+    below, data = F.load_frontier_data(frontier_args, a)
     (hidden, y), (hidden_t, y_t) = data["train"], data["targets"]
     n, y_t = len(y), y_t.numpy()
     members = random_half_subsets(n, losses.shape[1], seed=1)
