@@ -33,6 +33,7 @@ from adapters.composition import Stack
 from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification, PretrainedConfig
 from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import cached_file, logging
 
 # transformers copies only the modules that a remote-code file imports directly when it loads from a local
@@ -42,6 +43,7 @@ from .config import CONFIG_KEY, TurnoverConfig
 from .context import turnover_context
 from .distributed import shardable  # noqa: F401
 from .fingerprint import training_fingerprint  # noqa: F401
+from .heads import HEAD_CLASSIFIERS, HEADS_HEAD_MODULES, head_adapter_names, head_classifiers, single_head
 from .influence import estimate_influence, mean_influence, self_influence
 from .inputs import per_row_loss  # noqa: F401
 from .layer import TurnoverHook  # noqa: F401
@@ -65,7 +67,7 @@ AUTO_MAP = {
     "AutoModelForSequenceClassification": "modeling_turnover.TurnoverBertForSequenceClassification",
 }
 WEIGHTS_NAME = "model.safetensors"
-HEAD_PREFIXES = ("classifier.", "bert.pooler.")
+HEAD_PREFIXES = ("classifier.", "bert.pooler.", f"{HEAD_CLASSIFIERS}.")
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
 
@@ -75,6 +77,7 @@ class TurnoverBertConfig(BertConfig):
     ``turnover``: the `TurnoverConfig` as a dict. ``turnover_training``: fingerprint of the training set.
     ``turnover_active_adapters``: the adapters to activate after loading. ``turnover_base_model``: for
     adapter-only checkpoints, ``{"package", "path", "hub_id", "sha256"}`` of the backbone.
+    ``turnover_heads``: the adapter of each masked head (:mod:`hf_turnover.heads`), ``None`` for one head.
     """
 
     model_type = "turnover_bert"
@@ -85,6 +88,7 @@ class TurnoverBertConfig(BertConfig):
         turnover_training: dict[str, Any] | None = None,
         turnover_active_adapters: list[str] | None = None,
         turnover_base_model: dict[str, Any] | None = None,
+        turnover_heads: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -95,6 +99,14 @@ class TurnoverBertConfig(BertConfig):
         self.turnover_training = turnover_training
         self.turnover_active_adapters = turnover_active_adapters
         self.turnover_base_model = turnover_base_model
+        if turnover_heads is not None and (
+            len(turnover_heads) < 2 or len(set(turnover_heads)) < len(turnover_heads)
+        ):
+            raise ValueError(
+                f"turnover_heads={turnover_heads!r} must name two or more distinct adapters (one per head), or be "
+                "None for a model with one head."
+            )
+        self.turnover_heads = turnover_heads
 
     @classmethod
     def from_bert_config(cls, config: PretrainedConfig, **kwargs: Any) -> TurnoverBertConfig:
@@ -118,6 +130,10 @@ class TurnoverBertForSequenceClassification(BertForSequenceClassification):
 
     def __init__(self, config: TurnoverBertConfig) -> None:
         super().__init__(config)
+        self._turnover_head: int | None = None  # set by hf_turnover.heads.single_head
+        if config.turnover_heads:
+            setattr(self, HEAD_CLASSIFIERS, head_classifiers(self.classifier, len(config.turnover_heads)))
+            getattr(self, HEAD_CLASSIFIERS).apply(self._init_weights)
         # adapters picks its BERT integration by model_type; ours is "turnover_bert" only so that
         # AutoConfig needs this code. The instance attribute hides the class one for the duration of init.
         config.model_type = "bert"
@@ -136,6 +152,7 @@ class TurnoverBertForSequenceClassification(BertForSequenceClassification):
                 self.set_active_adapters(Stack(*config.turnover_active_adapters))
         if config.turnover is not None:
             add_turnover(self, TurnoverConfig.from_dict(config.turnover))
+            _check_heads_masked(self)
 
     @classmethod
     def from_backbone(
@@ -146,6 +163,7 @@ class TurnoverBertForSequenceClassification(BertForSequenceClassification):
         adapter_name: str = "task",
         adapter_config: Any = None,
         turnover: TurnoverConfig | None = None,
+        heads: int = 1,
         **kwargs: Any,
     ) -> TurnoverBertForSequenceClassification:
         """A BERT backbone + a new bottleneck adapter (trainable) + classifier, patched with turn-over masks.
@@ -154,20 +172,69 @@ class TurnoverBertForSequenceClassification(BertForSequenceClassification):
         default model: :func:`~hf_turnover.wide.wide_adapter_config` with ``seq_bn`` adapters in the top two
         layers, ``4 * hidden_size`` units in the top one and ``hidden_size`` below (1,536 and 384 on MiniLM).
         ``turnover`` defaults to ``TurnoverConfig()``: masks on every adapter's bottleneck and on the classifier
-        input. ``kwargs`` go to the config (``id2label``, ``label2id``, ``hidden_dropout_prob``...).
+        input. ``heads``: masked heads on the one frozen body (:mod:`hf_turnover.heads`), each with its own adapter
+        (``adapter_name``, ``{adapter_name}_head1``, ...) and classifier; the model is their average. ``kwargs`` go
+        to the config (``id2label``, ``label2id``, ``hidden_dropout_prob``...).
         """
+        names = head_adapter_names(adapter_name, heads)
         base = BertConfig.from_pretrained(name_or_path)
-        config = TurnoverBertConfig.from_bert_config(base, num_labels=num_labels, **kwargs)
+        config = TurnoverBertConfig.from_bert_config(
+            base, num_labels=num_labels, turnover_heads=names if heads > 1 else None, **kwargs
+        )
         if adapter_config is None:
             adapter_config = wide_adapter_config(
                 config, top_layers=min(2, config.num_hidden_layers), lower_width=config.hidden_size
             )
         model = cls.from_pretrained(name_or_path, config=config)
         with _quiet_adapters():
-            model.add_adapter(adapter_name, config=adapter_config)
-            model.train_adapter(adapter_name)
+            for name in names:
+                model.add_adapter(name, config=adapter_config)
+            model.train_adapter(Stack(*names))  # unfreezes every head's adapter
+            model.set_active_adapters(adapter_name)  # the forward runs each head with its own adapter
         model.config.turnover_active_adapters = [adapter_name]
-        return add_turnover(model, turnover or TurnoverConfig())
+        if turnover is None:
+            turnover = TurnoverConfig(head_modules=HEADS_HEAD_MODULES) if heads > 1 else TurnoverConfig()
+        add_turnover(model, turnover)
+        _check_heads_masked(model)
+        return model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> tuple[torch.Tensor, ...] | SequenceClassifierOutput:
+        """``BertForSequenceClassification.forward``; with K heads, the mean of the heads' logits and of their
+        losses (each head trains on its own loss, see :mod:`hf_turnover.heads`)."""
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                      position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds, labels=labels,
+                      output_attentions=output_attentions, output_hidden_states=output_hidden_states)  # fmt: skip
+        heads = self.config.turnover_heads
+        if not heads or self._turnover_head is not None:
+            return super().forward(**inputs, return_dict=return_dict)
+        runs = []
+        for index in range(len(heads)):
+            with single_head(self, index):
+                runs.append(super().forward(**inputs, return_dict=True))
+        output = SequenceClassifierOutput(
+            loss=None if labels is None else torch.stack([run.loss for run in runs]).mean(),
+            logits=torch.stack([run.logits for run in runs]).mean(0),
+            hidden_states=runs[0].hidden_states,
+            attentions=runs[0].attentions,
+        )
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return output if return_dict else output.to_tuple()
+
+    def single_head(self, index: int) -> Any:
+        """Context in which this model runs as its head ``index`` alone (:func:`hf_turnover.heads.single_head`)."""
+        return single_head(self, index)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> TurnoverBertForSequenceClassification:
@@ -279,6 +346,22 @@ class TurnoverBertForSequenceClassification(BertForSequenceClassification):
         model.config._name_or_path = str(pretrained_model_name_or_path)
         model.name_or_path = str(pretrained_model_name_or_path)
         return model
+
+
+def _check_heads_masked(model: TurnoverBertForSequenceClassification) -> None:
+    """Every head's classifier is masked when head 0's is: otherwise the heads would not be alike."""
+    names = model.config.turnover_heads
+    layers = getattr(model, "_turnover_hooks", {})
+    if not names or "classifier" not in layers:
+        return
+    unmasked = [
+        f"{HEAD_CLASSIFIERS}.{k}" for k in range(len(names) - 1) if f"{HEAD_CLASSIFIERS}.{k}" not in layers
+    ]
+    if unmasked:
+        raise ValueError(
+            f"TurnoverConfig.head_modules masks head 0's classifier but not {unmasked}; with several heads use "
+            f"head_modules={HEADS_HEAD_MODULES!r} (hf_turnover.heads.HEADS_HEAD_MODULES)."
+        )
 
 
 @contextmanager

@@ -42,6 +42,7 @@ from .explain import (
     training_reference,
 )
 from .fingerprint import check_fingerprint, recorded_fingerprint, training_fingerprint
+from .heads import single_head  # noqa: F401
 from .influence import estimate_influence  # noqa: F401
 from .inputs import check_dataset, per_row_loss  # noqa: F401
 from .layer import TurnoverHook  # noqa: F401

@@ -105,39 +105,41 @@ class PooledBasis:
 
 @torch.no_grad()
 def head_features(model: nn.Module, batches: Any) -> torch.Tensor:
-    """``(N, D)``: the input of the model's last turn-over layer that masks its input (the classification head),
-    or else the output of its last turn-over layer at the first position, for every row of ``batches`` (dicts of
-    model inputs), in order. The representation :meth:`PooledBasis.from_features` groups instances by."""
+    """``(N, D)``: the input of the model's turn-over layers that mask their input (the classification head; with
+    several heads, their inputs side by side), or else the output of its last turn-over layer at the first
+    position, for every row of ``batches`` (dicts of model inputs), in order. The representation
+    :meth:`PooledBasis.from_features` groups instances by."""
     hooks = turnover_hooks(model)
     if not hooks:
         raise ValueError(
             "The model has no turn-over layers: pooled scores need a model trained with turn-over."
         )
-    name, hook = next(
-        ((n, h) for n, h in reversed(hooks.items()) if h.where == "input"), list(hooks.items())[-1]
-    )
-    rows: list[torch.Tensor] = []
+    names = [n for n, h in hooks.items() if h.where == "input"] or [list(hooks)[-1]]
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
 
-    def keep(x: torch.Tensor) -> None:
+    def keep(name: str, x: torch.Tensor) -> None:
         x = x.detach().float()
-        rows.append((x[:, 0] if x.dim() == 3 else x.flatten(1)).cpu())
+        rows[name].append((x[:, 0] if x.dim() == 3 else x.flatten(1)).cpu())
 
-    module = model.get_submodule(name)
-    if hook.where == "input":
-        handle = module.register_forward_pre_hook(lambda m, args: keep(args[0]))
-    else:
-        handle = module.register_forward_hook(lambda m, args, out: keep(out))
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+        if hooks[name].where == "input":
+            handles.append(module.register_forward_pre_hook(lambda m, args, name=name: keep(name, args[0])))
+        else:
+            handles.append(module.register_forward_hook(lambda m, args, out, name=name: keep(name, out)))
     was_training = model.training
     model.eval()
     try:
         for inputs in batches:
             model(**inputs)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         model.train(was_training)
-    if not rows:
+    if not rows[names[0]]:
         raise ValueError("head_features got no batches: pass at least one batch of inputs.")
-    return torch.cat(rows)
+    return torch.cat([torch.cat(rows[name]) for name in names], 1)
 
 
 def signal_share(scores: torch.Tensor, noise_scores: torch.Tensor) -> torch.Tensor:

@@ -47,8 +47,10 @@ LOAD_REMOTE = """
 import json, sys
 from transformers import pipeline
 source, texts = sys.argv[1], json.loads(sys.argv[2])
-explained = pipeline(model=source, trust_remote_code=True)(texts, top_k=3, method="exact")
-print(json.dumps({"explained": explained, "hf_turnover": any(m.startswith("hf_turnover") for m in sys.modules)}))
+pipe = pipeline(model=source, trust_remote_code=True)
+explained, default = pipe(texts, top_k=3, method="exact"), pipe(texts, top_k=3)
+print(json.dumps({"explained": explained, "default": default,
+                  "hf_turnover": any(m.startswith("hf_turnover") for m in sys.modules)}))
 """
 
 LOAD_INSTALLED = """
@@ -59,7 +61,8 @@ source, texts = sys.argv[1], json.loads(sys.argv[2])
 pipe = pipeline("turnover-influence", model=source, pipeline_class=hf_turnover.InfluencePipeline)
 installed = isinstance(pipe.model, hf_turnover.TurnoverBertForSequenceClassification)
 remote = any(name.startswith("transformers_modules") for name in sys.modules)
-print(json.dumps({"explained": pipe(texts, top_k=3, method="exact"), "installed": installed, "remote": remote}))
+print(json.dumps({"explained": pipe(texts, top_k=3, method="exact"), "default": pipe(texts, top_k=3),
+                  "installed": installed, "remote": remote}))
 """
 
 
@@ -127,16 +130,18 @@ def test_from_backbone_defaults_to_the_embedded_default_set_up():
     assert as_dict(built.adapters_config.get("task")) == as_dict(default.adapters_config.get("sst2"))
 
 
-@pytest.mark.parametrize("build", ["from_backbone", "plain_adapters"])
+@pytest.mark.parametrize("build", ["from_backbone", "from_backbone_heads", "plain_adapters"])
 def test_quickstart_model_saves_pushes_and_loads_with_and_without_remote_code(build, tmp_path):
     backbone = tiny_backbone(tmp_path / "backbone")
-    if build == "from_backbone":
-        model = TurnoverBertForSequenceClassification.from_backbone(backbone, id2label=LABELS)
+    if build.startswith("from_backbone"):
+        heads = 2 if build.endswith("heads") else 1
+        model = TurnoverBertForSequenceClassification.from_backbone(backbone, id2label=LABELS, heads=heads)
     else:
         model = plain_adapters_model(backbone)
     model, tokenizer, train = train_tiny(model, tmp_path)
     pipe = hf_turnover.InfluencePipeline(model=model, tokenizer=tokenizer, train_dataset=train)
     expected = json.loads(json.dumps(pipe(TEXTS, top_k=3, method="exact")))
+    default = pipe(TEXTS, top_k=3)  # method="pooled", on the basis saved with the model
 
     saved = hf_turnover.save_turnover_model(
         model, tmp_path / "model", tokenizer=tokenizer, train_dataset=train
@@ -155,6 +160,8 @@ def test_quickstart_model_saves_pushes_and_loads_with_and_without_remote_code(bu
     assert not remote["hf_turnover"]
     assert installed["installed"] and not installed["remote"]
     assert remote["explained"] == installed["explained"] == expected
+    for loaded in (remote["default"], installed["default"]):
+        _assert_same_explanations(loaded, default)
 
     if build == "from_backbone":  # the Hub: push with the installed code, load back with remote code
         with HubDouble(tmp_path / "hub") as hub:
@@ -191,6 +198,16 @@ def test_a_model_without_adapters_is_refused_by_name():
     plain.add_adapter("task", config="seq_bn")
     with pytest.raises(ValueError, match="add_turnover"):
         TurnoverBertForSequenceClassification.from_model(plain)
+
+
+def _assert_same_explanations(loaded: list[dict], expected: list[dict]) -> None:
+    """The same items in the same order, scores equal up to float rounding (a least-squares fit per query)."""
+    for got, want in zip(loaded, expected, strict=True):
+        for side in ("helpful", "harmful"):
+            assert [i["train_id"] for i in got[side]] == [i["train_id"] for i in want[side]]
+            torch.testing.assert_close(
+                torch.tensor([i["score"] for i in got[side]]), torch.tensor([i["score"] for i in want[side]])
+            )
 
 
 def _env(home: Path) -> dict[str, str]:
