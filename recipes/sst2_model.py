@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from hf_turnover.config import TurnoverArguments, TurnoverConfig
+from hf_turnover.heads import HEADS_HEAD_MODULES
 from hf_turnover.lora import ADAPTERS_LORA_MODULES, LoRARankHook, make_hook
 from hf_turnover.model import find_modules
 from hf_turnover.modeling_turnover import TurnoverBertForSequenceClassification
@@ -61,6 +62,14 @@ class ModelArguments:
         default=2,
         metadata={"help": "Put adapters only in the top N encoder layers (0: every layer, the paper)."},
     )
+    masked_heads: int = field(
+        default=1,
+        metadata={
+            "help": "Masked heads on the one frozen body (hf_turnover.heads): each has its own adapters, "
+            "classifier and masks, and the model is their average. K heads cost K times the training and the "
+            "scoring of one."
+        },
+    )
 
 
 def apply_presets(model_args: ModelArguments, data_args: Any, turnover_args: TurnoverArguments, recipe: Any,
@@ -74,6 +83,14 @@ def apply_presets(model_args: ModelArguments, data_args: Any, turnover_args: Tur
             "double_seq_bn",
             0,
         )
+    if model_args.masked_heads > 1:
+        if model_args.train_pooler:
+            raise ValueError(
+                f"--train_pooler trains the pooler that all {model_args.masked_heads} heads share, so the heads "
+                "would not train apart; drop --train_pooler or use --masked_heads 1."
+            )
+        if turnover_args.turnover_head_modules == TurnoverArguments.turnover_head_modules:
+            turnover_args.turnover_head_modules = HEADS_HEAD_MODULES  # every head's classifier input
     default_targets = TurnoverArguments.turnover_target_modules
     if model_args.adapter_config == "lora" and turnover_args.turnover_target_modules == default_targets:
         turnover_args.turnover_target_modules = ADAPTERS_LORA_MODULES
@@ -107,6 +124,7 @@ def build_model(
         adapter = adapter.replace(leave_out=leave_out)
     model = TurnoverBertForSequenceClassification.from_backbone(
         backbone, num_labels=2, adapter_name="sst2", adapter_config=adapter, turnover=config,
+        heads=model_args.masked_heads,
         id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
     )  # fmt: skip
     model.bert.pooler.requires_grad_(model_args.train_pooler)

@@ -147,3 +147,30 @@ def test_lora_option_masks_the_rank_units(tmp_path, monkeypatch):
     assert model.get_submodule(masked[0]).lora_A.shape[0] == 4
     scores = torch.tensor(load_scores(tmp_path / "out" / "self_influence.parquet")["score"])
     assert len(scores) == 24 and torch.isfinite(scores).all() and scores.abs().max() > 0
+
+
+def test_masked_heads_option_trains_and_saves_every_head(tmp_path, monkeypatch):
+    """`--masked_heads 2`, in-process, on the cached frozen layer: two adapters and two masked classifiers in the
+    saved model, which the pipeline loads and explains with."""
+    import importlib
+
+    from hf_turnover.model import turnover_layers
+    from hf_turnover.modeling_turnover import TurnoverBertForSequenceClassification
+    from hf_turnover.pipeline_turnover import InfluencePipeline
+
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    backbone = make_backbone(tmp_path / "backbone")
+    argv = ["--model_name_or_path", str(backbone), "--masked_heads", "2", "--adapter_top_layers", "1"]
+    argv += ["--max_train_samples", "24", "--max_eval_samples", "16", "--per_device_train_batch_size", "8"]
+    argv += ["--max_length", "24", "--num_explained", "1", "--top_k", "2", "--curve_subset", "8"]
+    argv += ["--curve_points", "2", "--disable_tqdm", "true", "--baseline", "false"]
+    importlib.import_module("sst2").main([*argv, "--output_dir", str(tmp_path / "out")])
+    model = TurnoverBertForSequenceClassification.from_pretrained(tmp_path / "out" / "model")
+    assert model.config.turnover_heads == ["sst2", "sst2_head1"]
+    assert sorted(n for n, where in turnover_layers(model).items() if where == "input") == [
+        "classifier",
+        "turnover_classifiers.0",
+    ]
+    assert not torch.equal(model.classifier.weight, model.turnover_classifiers[0].weight)
+    out = InfluencePipeline(model=model)("a gorgeous , witty movie .", top_k=2)
+    assert len(out["helpful"]) == 2 and all(item["score"] > 0 for item in out["helpful"])
