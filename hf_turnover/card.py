@@ -102,6 +102,11 @@ def _adapter_text(model: nn.Module) -> str:
             + (f", no adapters in layers {list(leave_out)}" if leave_out else "")
             + ")"
         )
+    heads = getattr(model.config, "turnover_heads", None)
+    if heads:
+        parts[-1] += (
+            f" ({len(heads)} masked heads, one per adapter, each with its own classifier; the model is their mean)"
+        )
     return "; ".join(parts)
 
 
