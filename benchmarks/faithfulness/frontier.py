@@ -7,11 +7,13 @@ training seconds, for the levers epochs, lr schedule, masked width and K average
 
 Smoke run (what tests/test_frontier.py runs): ``--output_dir /tmp/frontier --smoke true``.
 
-Each point (``;``-separated; keys ``width``, ``epochs``, ``lr``, ``schedule``, ``lower_width``) is the set-up of
-``minilm_top_lds.py`` (all-MiniLM-L6-v2 frozen, ``seq_bn`` adapters in the top two layers, masks on both adapters
+Each point (``;``-separated; keys ``width``, ``epochs``, ``lr``, ``schedule``, ``lower_width``, ``heads``) is the
+set-up of ``minilm_top_lds.py`` (all-MiniLM-L6-v2 frozen, ``seq_bn`` adapters in the top two layers, masks on both adapters
 and the classifier input, AdamW, length-grouped minibatches, trained on the cached frozen layers). Per point:
 
 * ``2 * max_models`` models trained with seeds 0, 1, ... (init, masks, minibatch order);
+* ``heads=K``: each model has K masked heads on its frozen body (``hf_turnover.heads``); the peers, which read one
+  classifier, run on ``heads=1`` points only;
 * the scores of K models averaged (K = 1, 2, 4, ... ``max_models``; K models are K turn-over heads on one frozen
   body): LDS against ``num_subsets`` halves retrained from seed 0's init, minibatches and masks; the
   identical-class test on the averaged models' predicted labels; seed agreement of models 0..K-1 against K..2K-1
@@ -50,7 +52,7 @@ from hf_turnover.pooled import signal_share as pooled_signal_share
 
 SMOKE = {"num_train": 64, "num_targets": 3, "num_val": 64, "num_subsets": 3, "max_models": 2,
          "points": "width=32,lower_width=16,epochs=1,lr=3e-3,schedule=linear", "cache_to_disk": False}  # fmt: skip
-KEYS = {"width": int, "lower_width": int, "epochs": int, "lr": float, "schedule": str}
+KEYS = {"width": int, "lower_width": int, "epochs": int, "lr": float, "schedule": str, "heads": int}
 
 
 @dataclass
@@ -58,7 +60,8 @@ class FrontierArguments:
     output_dir: str = field(default="benchmarks/faithfulness/results_frontier", metadata={"help": "Results."})
     points: str = field(
         default="width=1536,epochs=1,lr=3e-3,schedule=linear",
-        metadata={"help": "';'-separated set-ups, each 'key=value,...' of width, lower_width, epochs, lr, schedule."},
+        metadata={"help": "';'-separated set-ups, each 'key=value,...' of width, lower_width, epochs, lr, schedule, "
+                          "heads."},
     )  # fmt: skip
     num_train: int = field(default=8454, metadata={"help": "Training sentences N."})
     num_targets: int = field(default=100, metadata={"help": "Held-out test-split targets."})
@@ -160,7 +163,7 @@ def train_models(a: MiniLMTopArguments, data, below: int, count: int, peers: boo
                    "val_logits": top.logits(model, data["val"][0]), "target_logits": logits,
                    "scores": {"turn-over linear": by_label, "turn-over pooled": pooled},
                    "signal_share": signal_share(model, hidden_t, y_t, len(y), pick(by_label, y_t.numpy()))}  # fmt: skip
-            if seed < 2 and peers:
+            if seed < 2 and peers and a.heads == 1:  # the peers read one classifier
                 row["peers"] = peer_scores(model, data, y_t.numpy(), logits.argmax(-1).numpy())
         if seed == 0:
             row["model"], row["init"] = model, init
@@ -259,7 +262,8 @@ def _rate(value: float | None) -> str:
 
 
 def label(point: dict) -> str:
-    return f"W={point['width']}, {point['epochs']} ep, lr {point['lr']:g} {point['schedule']}"
+    heads = f", {point['heads']} masked heads" if point.get("heads", 1) > 1 else ""
+    return f"W={point['width']}, {point['epochs']} ep, lr {point['lr']:g} {point['schedule']}{heads}"
 
 
 def markdown(r: dict) -> str:
@@ -421,6 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
             "lr": a.learning_rate,
             "schedule": a.lr_schedule,
             "halves": args.num_subsets,
+            "heads": a.heads,
         }
         print(label(full), flush=True)
         results["points"].append({"point": full, **evaluate_point(args, a, data, below, members)})

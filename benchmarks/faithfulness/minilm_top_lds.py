@@ -75,6 +75,7 @@ class MiniLMTopArguments:
     )  # fmt: skip
     width: int = field(default=1536, metadata={"help": "Adapter units in the top layer."})
     lower_width: int = field(default=384, metadata={"help": "Adapter units in each layer below the top one."})
+    heads: int = field(default=1, metadata={"help": "Masked heads on the frozen body (hf_turnover.heads)."})
     learning_rate: float = field(default=3e-3, metadata={"help": "AdamW peak lr (no weight decay)."})
     num_train_epochs: int = field(default=1, metadata={"help": "Epochs."})
     warmup_ratio: float = field(default=0.06, metadata={"help": "Linear warm-up share of the steps."})
@@ -300,7 +301,8 @@ def run(args, model, tokenizer, s, data, below: int) -> dict:
 def build(args, seed: int):
     partial = args.masked_layers < args.top_layers  # else the library's default: every adapter_down
     model = M.build_model(args.width, seed, top_layers=args.top_layers, lower_width=args.lower_width,
-                          target_modules=masked_target_modules(args) if partial else None)  # fmt: skip
+                          target_modules=masked_target_modules(args) if partial else None,
+                          heads=args.heads)  # fmt: skip
     top.no_dropout(model)
     return model
 

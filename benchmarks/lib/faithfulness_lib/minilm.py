@@ -31,6 +31,7 @@ import hf_turnover
 from hf_turnover import TurnoverConfig, turnover_context
 from hf_turnover.atomic import atomic_path
 from hf_turnover.evaluation import score_matrix
+from hf_turnover.heads import HEADS_HEAD_MODULES
 from hf_turnover.model import add_turnover, remove_turnover, turnover_layers
 from hf_turnover.modeling_turnover import TurnoverBertForSequenceClassification
 from hf_turnover.wide import wide_adapter_config
@@ -87,11 +88,17 @@ def backbone_path() -> str:
 
 
 def build_model(
-    width: int, seed: int, architecture: str = "seq_bn", *, target_modules: str | None = None, **overrides
+    width: int,
+    seed: int,
+    architecture: str = "seq_bn",
+    *,
+    target_modules: str | None = None,
+    heads: int = 1,
+    **overrides,
 ) -> TurnoverBertForSequenceClassification:
     """MiniLM + ``width``-unit adapter in the top layer + classifier; turn-over (p=0.5, mask seed ``seed``) on
     every adapter_down output (or the ``target_modules`` regex) and the classifier input. Adapter and classifier
-    init drawn from ``seed``."""
+    init drawn from ``seed``. ``heads``: masked heads on the frozen body (``hf_turnover.heads``)."""
     from transformers import BertConfig
     from transformers.utils import logging
 
@@ -101,11 +108,13 @@ def build_model(
     logging.set_verbosity_error()  # "classifier newly initialised" is expected
     try:
         targets = {} if target_modules is None else {"target_modules": target_modules}
+        if heads > 1:
+            targets["head_modules"] = HEADS_HEAD_MODULES
         turnover = TurnoverConfig(p=0.5, seed=seed, **targets)
         adapter = wide_adapter_config(BertConfig.from_pretrained(path), width=width, architecture=architecture,
                                       **overrides)  # fmt: skip
         model = TurnoverBertForSequenceClassification.from_backbone(
-            path, adapter_name=ADAPTER_NAME, adapter_config=adapter, turnover=turnover
+            path, adapter_name=ADAPTER_NAME, adapter_config=adapter, turnover=turnover, heads=heads
         )
     finally:
         logging.set_verbosity(verbosity)

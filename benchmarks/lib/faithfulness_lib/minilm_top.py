@@ -38,6 +38,7 @@ from hf_turnover import turnover_context
 from hf_turnover.evaluation import score_matrix
 from hf_turnover.linear import LinearScorer
 from hf_turnover.linear import reference_gradient as linear_reference_gradient
+from hf_turnover.pooled import head_features
 from hf_turnover.reuse import keep_positions, tail_entry
 
 from . import minilm as M
@@ -245,7 +246,7 @@ def train_top(
             if len(rows):
                 inputs = hidden.batch(rows)
                 with turnover_context(rows), cls_only(inputs["attention_mask"].shape[1]):
-                    loss = F.cross_entropy(model(**inputs).logits, labels[rows])
+                    loss = model(**inputs, labels=labels[rows]).loss  # K heads: the mean of their own losses
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -291,17 +292,11 @@ def target_losses(model, hidden: Hidden, labels: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def pooled_features(model, hidden: Hidden, chunk: int = 128) -> torch.Tensor:
-    """(N, H) classifier inputs of the full network (no masks)."""
-    model.eval()
-    out = torch.empty(len(hidden), model.classifier.in_features)
-    seen = []
-    handle = model.classifier.register_forward_pre_hook(lambda m, args: seen.append(args[0]) and None)
-    try:
-        for rows in hidden.chunks(chunk):
-            model(**hidden.batch(rows))
-            out[rows] = seen.pop()
-    finally:
-        handle.remove()
+    """(N, H) classifier inputs of the full network (no masks; K heads: (N, K H), their inputs side by side)."""
+    chunks = list(hidden.chunks(chunk))
+    features = head_features(model, (hidden.batch(rows) for rows in chunks))
+    out = torch.empty_like(features)
+    out[torch.as_tensor(np.concatenate(chunks))] = features
     return out
 
 
