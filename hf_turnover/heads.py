@@ -6,12 +6,12 @@ depends on the masked module's name) and its training run is its own. The model 
 
     logits = mean_k logits_k        loss = mean_k loss_k
 
-Each head trains as it would alone: the heads share no trained parameter, the loss is the mean of their own losses,
-and AdamW's steps do not depend on the 1/K this puts on each head's gradient (but for its ``eps``; gradient
-clipping by ``max_grad_norm`` acts on the heads' joint norm). Predictions and influence are the averaged model's. The turn-over argument holds for the
-average: under the flipped masks of ``z`` no head runs a unit that ``z`` trained, so
-``I(z_t, z) = L(flip, z_t) - L(own, z_t)`` of the averaged model needs no change anywhere in the scoring code.
-``benchmarks/RESULTS.md`` measures what K buys: scores of K independently trained models averaged.
+Each head trains as it would alone: the heads share no trained parameter, the loss is the mean of their own
+losses, and AdamW's steps do not depend on the 1/K this puts on each head's gradient (but for its ``eps``; gradient
+clipping by ``max_grad_norm`` acts on the heads' joint norm). Predictions and influence are the averaged model's.
+The turn-over argument holds for the average: under the flipped masks of ``z`` no head runs a unit that ``z``
+trained, so ``I(z_t, z) = L(flip, z_t) - L(own, z_t)`` of the averaged model needs no change anywhere in the
+scoring code. ``benchmarks/RESULTS.md`` ("Masked heads") measures what two heads buy on the default's set-up.
 
 This file travels with Hub models as remote code (``modeling_turnover.py`` imports it): installed packages only.
 """
