@@ -166,18 +166,28 @@ def _faithfulness_text(faithfulness: dict | None) -> str:
 
 
 def lds_text(lds: list[dict]) -> str:
-    """Markdown for LDS rows ``{"setting", "value", "source"}`` (and ``"se"``, the standard error, if known)."""
+    """Markdown for LDS rows ``{"setting", "value", "source"}`` (and ``"se"``, the standard error, if known; and
+    ``"same_class"``, ``"agreement"``: the top-1 same-class rate and the seed agreement on mean influence)."""
     lines = []
     if lds:
+        stability = any(key in row for row in lds for key in ("same_class", "agreement"))
+        extra = " top-1 same class | seed agreement (mean influence) |" if stability else ""
         lines += [
             "",
             "Linear datamodeling score (Spearman correlation of summed scores with the losses of models "
             "retrained on random halves of the training set; 0 = random, 1 = perfect):",
             "",
-            "| Setting | LDS | Source |",
-            "|---|---|---|",
+            f"| Setting | LDS |{extra} Source |",
+            "|---|---|" + ("---|---|" if stability else "") + "---|",
         ]
         for row in lds:
             value = f"{row['value']:.3f}" + (f" ± {row['se']:.3f}" if row.get("se") is not None else "")
-            lines.append(f"| {row['setting']} | {value} | {row['source']} |")
+            cells = [row["setting"], value]
+            if stability:
+                cells += [_cell(row.get("same_class"), ".2f"), _cell(row.get("agreement"), ".3f")]
+            lines.append("| " + " | ".join([*cells, str(row["source"])]) + " |")
     return "\n".join(lines)
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)

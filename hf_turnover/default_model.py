@@ -99,10 +99,13 @@ def export_default_model(
 
 
 def lds_rows(path: str | os.PathLike, model: torch.nn.Module) -> list[dict[str, Any]]:
-    """The LDS rows of a ``benchmarks/faithfulness/minilm_top_lds.py`` report, refused unless its set-up is the model's."""
+    """The LDS rows of a ``benchmarks/faithfulness/minilm_top_lds.py`` or ``frontier.py`` report, refused unless
+    its set-up is the model's."""
     import json
 
     report = json.loads(Path(path).read_text())
+    if "points" in report:
+        return _frontier_rows(report, path, model)
     args = report["arguments"]
     downs = {n: m for n, m in model.named_modules() if n.endswith("adapter_down")}
     widths = sorted((int(n.split(".layer.")[1].split(".")[0]), m[0].out_features) for n, m in downs.items())
@@ -128,6 +131,49 @@ def lds_rows(path: str | os.PathLike, model: torch.nn.Module) -> list[dict[str, 
         }
         for row in report["methods"]
     ]
+
+
+def _frontier_rows(
+    report: dict[str, Any], path: str | os.PathLike, model: torch.nn.Module
+) -> list[dict[str, Any]]:
+    """The rows of the ``frontier.py`` points with the model's top adapter width and number of masked heads, with
+    each method's top-1 same-class rate and seed agreement beside its LDS."""
+    layers = model.config.num_hidden_layers
+    width = next(
+        m[0].out_features
+        for n, m in model.named_modules()
+        if n.endswith("adapter_down") and f".layer.{layers - 1}." in n
+    )
+    heads = len(getattr(model.config, "turnover_heads", None) or [None])
+    points = [
+        p for p in report["points"] if (p["point"]["width"], p["point"].get("heads", 1)) == (width, heads)
+    ]
+    if not points:
+        measured = [(p["point"]["width"], p["point"].get("heads", 1)) for p in report["points"]]
+        raise ValueError(
+            f"{path} measured (top adapter width, masked heads) {measured}, but the model has {(width, heads)}: its "
+            "LDS would describe another set-up. Run benchmarks/faithfulness/frontier.py with a point of the "
+            f"model's set-up (e.g. --points width={width},heads={heads})."
+        )
+    first = report["arguments"].get("first_target", 0)
+    targets = f"test sentences {first}-{first + report['num_targets'] - 1}"
+    rows = []
+    for point in points:
+        setting = f"N = {report['num_train']:,}, {targets}, {point['point']['halves']} halves"
+        for row in point["rows"]:
+            models = f", {row['models']} models averaged" if row["models"] > 1 else ""
+            agreement = row.get("agreement") or {}
+            rows.append(
+                {
+                    "setting": f"{row['method']}{models} ({setting})",
+                    "value": row["lds"],
+                    "se": row["lds_se"],
+                    "same_class": row.get("helpful_same_class"),
+                    "agreement": agreement.get("mean_influence_spearman"),
+                    "source": str(path),
+                }
+            )
+    return rows
 
 
 def add_lds_to_card(card_path: Path, rows: list[dict[str, Any]]) -> None:
@@ -192,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         "--lds_results",
         nargs="*",
         default=None,
-        help="results.json files of benchmarks/faithfulness/minilm_top_lds.py for this set-up (card)",
+        help="results.json files of benchmarks/faithfulness/minilm_top_lds.py or frontier.py for this set-up (card)",
     )
     args = parser.parse_args(argv)
     path = export_default_model(args.model_dir, args.destination, lds_results=args.lds_results)

@@ -101,3 +101,52 @@ def test_default_model_card_takes_lds_rows_of_its_own_set_up_only(tmp_path):
     text = card.read_text()
     assert "| -0.050 ± 0.012 |" in text
     assert text.index("-0.050") < text.index("## How to get influences")
+
+
+def test_default_model_card_takes_frontier_points_of_its_own_set_up_with_stability(tmp_path):
+    import json
+
+    import adapters
+    from conftest import make_tiny_bert
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hf_turnover import add_turnover, wide_adapter_config
+    from hf_turnover.card import model_card
+    from hf_turnover.default_model import add_lds_to_card, lds_rows
+
+    model = BertForSequenceClassification(
+        BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2)
+    )
+    adapters.init(model)
+    model.add_adapter("task", config=wide_adapter_config(model.config, 70, 2, lower_width=9))
+    add_turnover(model)
+    rows = [
+        {"method": "turn-over pooled", "models": 1, "lds": 0.21, "lds_se": 0.028, "helpful_same_class": 1.0,
+         "agreement": {"mean_influence_spearman": 0.909}},
+        {"method": "turn-over pooled", "models": 2, "lds": 0.22, "lds_se": 0.027, "helpful_same_class": 1.0,
+         "agreement": {"mean_influence_spearman": 0.969}},
+        {"method": "label match", "models": 0, "lds": 0.207, "lds_se": 0.024, "helpful_same_class": None},
+    ]  # fmt: skip
+    report = {
+        "arguments": {"first_target": 100},
+        "num_train": 8454,
+        "num_targets": 200,
+        "points": [
+            {"point": {"width": 70, "halves": 16, "heads": 2}, "rows": [{**rows[0], "lds": -1.0}]},
+            {"point": {"width": 70, "halves": 16, "heads": 1}, "rows": rows},
+        ],
+    }
+    (tmp_path / "frontier.json").write_text(json.dumps(report))
+    got = lds_rows(tmp_path / "frontier.json", model)  # the one-head point only: the model has one head
+    assert [row["value"] for row in got] == [0.21, 0.22, 0.207]
+    assert "2 models averaged" in got[1]["setting"] and "test sentences 100-299" in got[0]["setting"]
+    card = tmp_path / "README.md"
+    card.write_text(str(model_card(make_tiny_bert(), accuracy=0.8)))
+    add_lds_to_card(card, got)
+    text = card.read_text()
+    assert "| LDS | top-1 same class | seed agreement (mean influence) |" in text
+    assert "| 0.210 ± 0.028 | 1.00 | 0.909 |" in text and "| 0.207 ± 0.024 | – | – |" in text
+    report["points"] = report["points"][:1]
+    (tmp_path / "two_heads.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match=r"\[\(70, 2\)\], but the model has \(70, 1\)"):
+        lds_rows(tmp_path / "two_heads.json", model)
