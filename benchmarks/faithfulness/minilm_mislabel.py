@@ -30,6 +30,7 @@ from bench_common import parse_benchmark_arguments
 from faithfulness_lib import minilm as M
 from faithfulness_lib import minilm_top as top
 from faithfulness_lib.setups import flip_labels
+from frontier import last_layer
 from minilm_top_lds import MiniLMTopArguments, build, load_data, train_options
 from transformers import AutoTokenizer
 
@@ -52,6 +53,9 @@ class MislabelArguments:
     )
     width: int = field(default=1536, metadata={"help": "Adapter units in the top layer."})
     lower_width: int = field(default=384, metadata={"help": "Adapter units in the layer below."})
+    heads: int = field(
+        default=1, metadata={"help": "Masked heads on the frozen body (2: the embedded default's)."}
+    )
     epochs: int = field(default=1, metadata={"help": "Epochs."})
     learning_rate: float = field(default=3e-3, metadata={"help": "AdamW peak lr."})
     lr_schedule: str = field(
@@ -64,7 +68,7 @@ class MislabelArguments:
 
 def rankings(model, hidden: top.Hidden, noisy: torch.Tensor) -> dict[str, np.ndarray]:
     """Every suspicion ranking of the N training rows under the noisy labels (higher = more suspicious)."""
-    influence = M.TailLastLayerInfluence(model, top.pooled_features(model, hidden), noisy)
+    influence = M.TailLastLayerInfluence(last_layer(model), top.pooled_features(model, hidden), noisy)
     return {
         "turn-over self-influence (linear)": top.turnover_self_influence(model, hidden, noisy),
         "training loss (full network)": top.target_losses(model, hidden, noisy),
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     setup = MiniLMTopArguments(num_train=args.num_train, num_targets=1, num_val=args.num_val, width=args.width,
-                               lower_width=args.lower_width, num_train_epochs=args.epochs,
+                               lower_width=args.lower_width, heads=args.heads, num_train_epochs=args.epochs,
                                learning_rate=args.learning_rate, lr_schedule=args.lr_schedule,
                                cache_to_disk=args.cache_to_disk, smoke=args.smoke)  # fmt: skip
     setup.masked_layers = setup.top_layers
@@ -140,7 +144,7 @@ def markdown(r: dict) -> str:
         f"Written by `benchmarks/faithfulness/minilm_mislabel.py`. Command: `{r['command']}`",
         f"Wall time {r['wall_seconds'] / 60:.1f} min on {r['machine']}. N = {r['num_train']}, "
         f"{r['num_flipped']} labels flipped (`flip_labels(y, 2, {a['fraction']}, seed=2)`); W = {a['width']}, "
-        f"{a['epochs']} epoch(s), lr {a['learning_rate']:g} {a['lr_schedule']}; seeds 0..{a['num_seeds'] - 1}, "
+        f"{a.get('heads', 1)} masked head(s), {a['epochs']} epoch(s), lr {a['learning_rate']:g} {a['lr_schedule']}; seeds 0..{a['num_seeds'] - 1}, "
         f"validation accuracy {fmt(r['val_accuracy'])} (clean labels).",
         "",
         "| ranking (higher = more suspicious) | ROC AUC per seed | flipped found in top 10% per seed | "
