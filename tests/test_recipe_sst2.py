@@ -172,7 +172,9 @@ def test_masked_heads_option_trains_and_saves_every_head(tmp_path, monkeypatch):
         "turnover_classifiers.0",
     ]
     assert not torch.equal(model.classifier.weight, model.turnover_classifiers[0].weight)
-    assert "2 masked heads" in (tmp_path / "out" / "model" / "README.md").read_text()
+    card = (tmp_path / "out" / "model" / "README.md").read_text()
+    assert "2 masked heads" in card
+    assert r"| `classifier\|turnover_classifiers\.\d+` |" in card  # the pattern's | escaped in the table
     out = InfluencePipeline(model=model)("a gorgeous , witty movie .", top_k=2)
     assert len(out["helpful"]) == 2 and all(item["score"] > 0 for item in out["helpful"])
 
