@@ -13,7 +13,8 @@ and the classifier input, AdamW, length-grouped minibatches, trained on the cach
 
 * ``2 * max_models`` models trained with seeds 0, 1, ... (init, masks, minibatch order);
 * ``heads=K``: each model has K masked heads on its frozen body (``hf_turnover.heads``); the peers score the
-  averaged model (the influence function on the heads' last layers as one, :func:`last_layer`);
+  averaged model (the influence function on the heads' last layers as one:
+  :func:`faithfulness_lib.minilm_top.last_layer`);
 * the scores of K models averaged (K = 1, 2, 4, ... ``max_models``; K models are K turn-over heads on one frozen
   body): LDS against ``num_subsets`` halves retrained from seed 0's init, minibatches and masks; the
   identical-class test on the averaged models' predicted labels; seed agreement of models 0..K-1 against K..2K-1
@@ -33,7 +34,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import _paths  # noqa: F401  (benchmarks/lib on sys.path)
 import numpy as np
@@ -48,7 +48,6 @@ from transformers import AutoTokenizer
 
 from hf_turnover.atomic import atomic_write_text
 from hf_turnover.evaluation import random_half_subsets, seed_agreement
-from hf_turnover.heads import HEAD_CLASSIFIERS
 from hf_turnover.pooled import NOISE_IDS, PooledBasis
 from hf_turnover.pooled import signal_share as pooled_signal_share
 
@@ -130,23 +129,11 @@ def pick(by_label: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return by_label[labels, np.arange(len(labels))]
 
 
-def last_layer(model) -> SimpleNamespace:
-    """The model's last linear layer as the influence function sees it. K heads: one layer on the K heads' inputs
-    side by side (``top.pooled_features``), weights ``[W_0 ... W_K-1] / K`` and bias the mean, which computes the
-    averaged model's logits exactly."""
-    heads = [model.classifier, *getattr(model, HEAD_CLASSIFIERS, [])]
-    layer = torch.nn.Linear(sum(h.in_features for h in heads), heads[0].out_features)
-    with torch.no_grad():
-        layer.weight.copy_(torch.cat([h.weight for h in heads], 1) / len(heads))
-        layer.bias.copy_(torch.stack([h.bias for h in heads]).mean(0))
-    return SimpleNamespace(classifier=layer)
-
-
 def peer_scores(model, data, labels_true: np.ndarray, predicted: np.ndarray) -> dict:
     (hidden, y), (hidden_t, _) = data["train"], data["targets"]
     x_train, x_t = top.pooled_features(model, hidden), top.pooled_features(model, hidden_t)
     start = time.perf_counter()
-    layer = last_layer(model)
+    layer = top.last_layer(model)
     with torch.no_grad():  # the layer and the features compute the model's own logits
         torch.testing.assert_close(layer.classifier(x_t), top.logits(model, hidden_t), atol=1e-4, rtol=1e-4)
     influence = M.TailLastLayerInfluence(layer, x_train, y)

@@ -30,7 +30,6 @@ from bench_common import parse_benchmark_arguments
 from faithfulness_lib import minilm as M
 from faithfulness_lib import minilm_top as top
 from faithfulness_lib.setups import flip_labels
-from frontier import last_layer
 from minilm_top_lds import MiniLMTopArguments, build, load_data, train_options
 from transformers import AutoTokenizer
 
@@ -68,7 +67,7 @@ class MislabelArguments:
 
 def rankings(model, hidden: top.Hidden, noisy: torch.Tensor) -> dict[str, np.ndarray]:
     """Every suspicion ranking of the N training rows under the noisy labels (higher = more suspicious)."""
-    influence = M.TailLastLayerInfluence(last_layer(model), top.pooled_features(model, hidden), noisy)
+    influence = M.TailLastLayerInfluence(top.last_layer(model), top.pooled_features(model, hidden), noisy)
     return {
         "turn-over self-influence (linear)": top.turnover_self_influence(model, hidden, noisy),
         "training loss (full network)": top.target_losses(model, hidden, noisy),

@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 import hf_turnover
 from hf_turnover import turnover_context
 from hf_turnover.evaluation import score_matrix
+from hf_turnover.heads import HEAD_CLASSIFIERS
 from hf_turnover.linear import LinearScorer
 from hf_turnover.linear import reference_gradient as linear_reference_gradient
 from hf_turnover.pooled import head_features
@@ -298,6 +300,18 @@ def pooled_features(model, hidden: Hidden, chunk: int = 128) -> torch.Tensor:
     out = torch.empty_like(features)
     out[torch.as_tensor(np.concatenate(chunks))] = features
     return out
+
+
+def last_layer(model) -> SimpleNamespace:
+    """The model's last linear layer as the influence function sees it. K heads: one layer on the K heads' inputs
+    side by side (``top.pooled_features``), weights ``[W_0 ... W_K-1] / K`` and bias the mean, which computes the
+    averaged model's logits exactly."""
+    heads = [model.classifier, *getattr(model, HEAD_CLASSIFIERS, [])]
+    layer = torch.nn.Linear(sum(h.in_features for h in heads), heads[0].out_features)
+    with torch.no_grad():
+        layer.weight.copy_(torch.cat([h.weight for h in heads], 1) / len(heads))
+        layer.bias.copy_(torch.stack([h.bias for h in heads]).mean(0))
+    return SimpleNamespace(classifier=layer)
 
 
 def turnover_self_influence(model, hidden: Hidden, labels: torch.Tensor, chunk: int = 64) -> np.ndarray:
