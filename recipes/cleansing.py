@@ -22,6 +22,9 @@ Writes `table.md`, `results.json`, `cleansing.png`, `removed.md`, `mean_influenc
 the backbone is frozen. The layers below the adapters therefore compute the same output in every epoch: they run
 once per sentence, in eval mode (no dropout there), and their output is cached in `--cache_dir` (default
 `--output_dir/cache`); the models take it as ``inputs_embeds``. After the last attention only [CLS] is computed.
+`--turnover_model default` (or a path to a `recipes/sst2.py` model trained on the same sentences) skips step 1 and
+scores with that model, e.g. the embedded default with its two masked heads (pass `--adapter_layers 2`, its set-up,
+so that the retrained models match it too).
 `--setup frozen`: the sentence encoder (mean pooling) is frozen and cached whole, and an MLP on the sentence
 embeddings is trained.
 """
@@ -37,7 +40,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from cleansing_model import build_classifier
+from cleansing_model import build_classifier, trained_turnover_model
 from cleansing_parts import (
     CleansingArguments,
     PreparedData,
@@ -57,6 +60,7 @@ from common import (
     write_json,
 )
 from paired_retraining import FixedBatchesTrainer, fixed_batches, skip_rows
+from transformers import Trainer
 
 from hf_turnover.atomic import atomic_write_text
 from hf_turnover.config import TurnoverArguments
@@ -139,14 +143,18 @@ def run_conditions(args, training_args, data: PreparedData, removals: dict[str, 
 
 
 def score_training_set(args, turnover_args, training_args, data: PreparedData, output: Path):
-    """Steps 1-2: train with turn-over masks; mean influence (and centered) of every training sentence on the
+    """Steps 1-2: train with turn-over masks (or take ``--turnover_model``); mean influence (and centered) of every training sentence on the
     target validation set and the peer scores on the same model, saved; returns (trainer, rankings by id,
     mean influence, peer scores)."""
     training_args.data_seed = training_args.seed
-    build = partial(build_classifier, args, turnover_args, data)
-    trainer = train_model(
-        build, training_args, data.train, data_collator=data.collator, compute_metrics=AccuracyMetric()
-    )
+    if args.turnover_model:  # already trained: only scored here
+        trainer = Trainer(trained_turnover_model(args, data), training_args, data_collator=data.collator,
+                          compute_metrics=AccuracyMetric())  # fmt: skip
+    else:
+        build = partial(build_classifier, args, turnover_args, data)
+        trainer = train_model(
+            build, training_args, data.train, data_collator=data.collator, compute_metrics=AccuracyMetric()
+        )
     options = {"batch_size": args.influence_batch_size}
     scores = mean_influence(
         trainer.model, data.train, data.validation, method=args.influence_method, **options

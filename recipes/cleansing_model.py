@@ -14,11 +14,15 @@ from cleansing_parts import PreparedData
 from common import SmallPreTrainedModel
 from frozen_layers import cut_bottom
 from torch import nn
-from transformers import AutoModelForSequenceClassification, PretrainedConfig
+from transformers import AutoModel, AutoModelForSequenceClassification, PretrainedConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_turnover.config import TurnoverArguments
+from hf_turnover.default_model import load_default_model
+from hf_turnover.fingerprint import check_fingerprint, recorded_fingerprint
+from hf_turnover.heads import HEAD_CLASSIFIERS
 from hf_turnover.model import add_turnover
+from hf_turnover.modeling_turnover import TurnoverBertForSequenceClassification
 from hf_turnover.reuse import tail_entry
 from hf_turnover.wide import wide_adapter_config
 
@@ -90,7 +94,43 @@ def adapter_classifier(args: Any, path: str, num_labels: int, cached_layers: int
     adapters.init(model)
     model.add_adapter("cleansing", config=adapter.replace(reduction_factor=factors))
     model.train_adapter("cleansing")
+    return _on_cache(model, cached_layers)
+
+
+def trained_turnover_model(args: Any, data: PreparedData) -> nn.Module:
+    """``--turnover_model``, an already trained turn-over model (``"default"``: the embedded default), on the
+    cached inputs: the training set must be the one it recorded, its backbone the cached one and its adapters
+    above the cached layers. Only its adapters and classifiers count as trained (the gradient peers' parameters)."""
+    if args.turnover_model == "default":
+        model = load_default_model()
+    else:
+        model = TurnoverBertForSequenceClassification.from_pretrained(args.turnover_model)
+    escape = f" (--turnover_model {args.turnover_model} was trained on another set: drop --max_train_samples, or pass its --dataset_name)"
+    check_fingerprint(recorded_fingerprint(model), data.train, "the training set", escape)
+    backbone = AutoModel.from_pretrained(data.model_path).state_dict()
+    kept = [f"encoder.layer.{i}." for i in range(data.cached_layers)]
+    for name, tensor in backbone.items():
+        if name.startswith(("embeddings.", *kept)) and not torch.equal(model.bert.state_dict()[name], tensor):
+            raise ValueError(
+                f"--turnover_model {args.turnover_model}: its {name} differs from the backbone "
+                f"{data.model_path} whose layers are cached; pass that model's backbone as --model_name_or_path."
+            )
+    for name, param in model.named_parameters():
+        param.requires_grad = ".adapters." in name or name.startswith(("classifier.", f"{HEAD_CLASSIFIERS}."))
+        layer = name.split("encoder.layer.")[1].split(".")[0] if "encoder.layer." in name else None
+        if ".adapters." in name and layer is not None and int(layer) < data.cached_layers:
+            raise ValueError(
+                f"--turnover_model {args.turnover_model} has adapters in layer {layer}, which "
+                f"--adapter_layers {args.adapter_layers} caches; raise --adapter_layers to cover its adapters."
+            )
+    return _on_cache(model.eval(), data.cached_layers)
+
+
+def _on_cache(model: nn.Module, cached_layers: int) -> nn.Module:
+    """``model`` taking the cached output of its bottom ``cached_layers`` layers, computing [CLS] only after
+    its last attention."""
     cut_bottom(model, cached_layers)
+    hidden = model.config.hidden_size
     probe = {"inputs_embeds": torch.zeros(1, 2, hidden), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
     entry = tail_entry(model, probe)
     if entry is not None:

@@ -82,6 +82,15 @@ class CleansingArguments:
         default=None,
         metadata={"help": "Adapters setup: mask the adapters of the top N layers (default: every adapter)."},
     )
+    turnover_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Adapters setup: score with this trained turn-over model (a path, or 'default' for the "
+            "embedded default) instead of training one; it must have been trained on this training set with these "
+            "ids, on the --model_name_or_path backbone, its adapters within the top --adapter_layers layers (2 "
+            "for the default)."
+        },
+    )
     hidden_size: int = field(
         default=1536, metadata={"help": "Frozen setup: MLP hidden units, the masked units."}
     )
@@ -124,6 +133,11 @@ class CleansingArguments:
     def __post_init__(self) -> None:
         if self.setup not in ("frozen", "adapters"):
             raise ValueError(f"--setup {self.setup!r} is unknown; use 'adapters' or 'frozen'.")
+        if self.turnover_model and self.setup != "adapters":
+            raise ValueError(
+                f"--turnover_model {self.turnover_model} needs --setup adapters (a trained adapter model), got "
+                f"--setup {self.setup}."
+            )
         if not 0.0 < self.remove_fraction < 1.0:
             raise ValueError(f"--remove_fraction must lie in (0, 1), got {self.remove_fraction}.")
         if self.num_seeds < 1:

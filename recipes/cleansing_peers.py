@@ -7,7 +7,9 @@ target validation sentences), and the recipe removes the most negative ones. All
 * ``gradient_dot``: ``g_v . g_i``, the mean target-loss gradient dotted with the sentence's loss gradient over
   every trainable parameter (adapters and classifier): TracIn at the last checkpoint, without the learning rate.
 * ``influence_function``: ``g_v^T (H + damping I)^{-1} g_i`` on the classifier's weights and bias only, with the
-  exact cross-entropy Hessian of that layer over the training set (features held fixed), as Koh & Liang.
+  exact cross-entropy Hessian of that layer over the training set (features held fixed), as Koh & Liang. With K
+  masked heads the layer is the heads' classifiers as one (their inputs side by side, weights ``[W_0 ... W_K-1] / K``,
+  the mean bias), which computes the averaged model's logits.
 * ``loss``: minus the sentence's training loss (the highest-loss sentences are removed: the usual way to find
   mislabelled data).
 """
@@ -15,6 +17,7 @@ target validation sentences), and the recipe removes the most negative ones. All
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from functools import partial
 
 import datasets
 import numpy as np
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from hf_turnover.heads import HEAD_CLASSIFIERS
 from hf_turnover.inputs import model_input_names
 
 PEERS = ("gradient_dot", "influence_function", "loss")
@@ -44,14 +48,27 @@ def _inputs(model: nn.Module, batch: dict) -> dict:
 
 
 class _Features:
-    """Records the classifier's input (the pooled [CLS] features) of every forward while active."""
+    """Records the classifier's input (the pooled [CLS] features) of every forward while active; with K masked
+    heads (``hf_turnover.heads``) the K heads' inputs side by side, the input of one linear layer with weights
+    ``[W_0 ... W_K-1] / K`` that computes the averaged model's logits exactly."""
 
-    def __init__(self, classifier: nn.Module) -> None:
-        self.value: torch.Tensor | None = None
-        self.handle = classifier.register_forward_pre_hook(self._record)
+    def __init__(self, model: nn.Module) -> None:
+        self.classifiers = [model.classifier, *getattr(model, HEAD_CLASSIFIERS, [])]
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.handles = [
+            c.register_forward_pre_hook(partial(self._record, k)) for k, c in enumerate(self.classifiers)
+        ]
 
-    def _record(self, module: nn.Module, args: tuple) -> None:
-        self.value = args[0].detach()
+    def _record(self, head: int, module: nn.Module, args: tuple) -> None:
+        self.inputs[head] = args[0].detach()
+
+    @property
+    def value(self) -> torch.Tensor:
+        return torch.cat([self.inputs[k] for k in range(len(self.classifiers))], 1)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def peer_scores(
@@ -65,13 +82,13 @@ def peer_scores(
     ``targets``)."""
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
-    features = _Features(model.classifier)
+    features = _Features(model)
     try:
         with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernel has no double backward
             target_grad, *target = _target_pass(model, targets, collator, params)
             train_out = _train_pass(model, train, collator, params, target_grad, batch_size, features)
     finally:
-        features.handle.remove()
+        features.remove()
     influence = last_layer_influence(train_out["feats"], train_out["probs"], train_out["labels"], *target)
     return {"gradient_dot": train_out["dot"], "influence_function": influence, "loss": -train_out["loss"]}
 
@@ -80,7 +97,7 @@ def _target_pass(model, targets, collator, params):
     """Mean target-loss gradient over ``params``, and the targets' classifier features, probabilities, labels."""
     grads = [torch.zeros_like(p) for p in params]
     feats, probs, labels = [], [], []
-    features = _Features(model.classifier)
+    features = _Features(model)
     try:
         for _, batch in _batches(targets, collator, 64):
             logits = model(**_inputs(model, batch)).logits
@@ -92,7 +109,7 @@ def _target_pass(model, targets, collator, params):
             probs.append(logits.detach().softmax(-1))
             labels.append(batch["labels"])
     finally:
-        features.handle.remove()
+        features.remove()
     return grads, torch.cat(feats), torch.cat(probs), torch.cat(labels)
 
 

@@ -185,6 +185,92 @@ def test_frozen_setup_still_runs(recipe, tmp_path):
     assert list(removed) == pooled.sort_values(kind="stable").index[:6].tolist()
 
 
+def _two_head_model(backbone: str, train) -> torch.nn.Module:
+    """A 2-head turn-over model with adapters in both layers of the tiny backbone, its adapters and classifiers
+    random (so that masks and heads matter), recording ``train`` as its training set."""
+    from hf_turnover import TurnoverBertForSequenceClassification
+    from hf_turnover.fingerprint import FINGERPRINT_KEY, training_fingerprint
+
+    torch.manual_seed(0)
+    model = TurnoverBertForSequenceClassification.from_backbone(backbone, heads=2)
+    for name, p in model.named_parameters():
+        if ".adapters." in name or "classifier" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    setattr(
+        model.config,
+        FINGERPRINT_KEY,
+        training_fingerprint(train, "instance_id", ["instance_id", "label", "sentence"]),
+    )
+    return model.eval()
+
+
+def test_peer_features_of_k_heads_give_the_averaged_logits(recipe, backbone):
+    """The influence function's last layer of a K-head model: the heads' classifier inputs side by side, weights
+    [W_0 W_1] / 2 and the mean bias, compute the averaged model's logits exactly."""
+    parts, peers, model_part = recipe("cleansing_parts"), recipe("cleansing_peers"), recipe("cleansing_model")
+    train = parts.load_splits(_split_args(60))["train"]
+    model = model_part._on_cache(_two_head_model(backbone, train), 0)
+    batch = cached_batch(parts, backbone, 0)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    features = peers._Features(model)
+    try:
+        logits = model(**inputs).logits
+    finally:
+        features.remove()
+    heads = [model.classifier, *model.turnover_classifiers]
+    assert features.value.shape == (4, sum(h.in_features for h in heads))
+    weight = torch.cat([h.weight for h in heads], 1) / 2
+    bias = torch.stack([h.bias for h in heads]).mean(0)
+    torch.testing.assert_close(features.value @ weight.T + bias, logits.detach(), rtol=1e-5, atol=1e-6)
+    with model.single_head(1):
+        alone = model(**inputs).logits
+    assert not torch.allclose(alone, logits, atol=1e-3)  # the second head takes part
+
+
+def _split_args(max_train: int) -> types.SimpleNamespace:
+    return types.SimpleNamespace(dataset_name=None, dataset_config_name=None, target_dataset_name="amazon_electronics",
+                                 max_train_samples=max_train, max_validation_samples=8, max_test_samples=20)  # fmt: skip
+
+
+def test_cleansing_scores_with_a_trained_turnover_model(recipe, backbone, tmp_path):
+    """--turnover_model: the recipe scores with the given (2-head) model as it is, on the cached inputs, and
+    refuses a model trained on another set or with adapters in the cached layers."""
+    parts = recipe("cleansing_parts")
+    train = parts.load_splits(_split_args(60))["train"]
+    model = _two_head_model(backbone, train)
+    model.save_pretrained(tmp_path / "model")
+    options = {
+        "model_name_or_path": backbone, "turnover_model": tmp_path / "model", "adapter_layers": 2,
+        "max_train_samples": 60, "max_validation_samples": 8, "max_test_samples": 20, "num_seeds": 1,
+        "remove_fraction": 0.1, "per_device_train_batch_size": 16, "adapter_width": 24, "lower_adapter_width": 8,
+        "max_length": 16, "peers": "influence_function", "centered": "false", "pooled": "true",
+        "output_dir": tmp_path / "out", "cache_dir": tmp_path / "cache", "disable_tqdm": "true", "seed": 0,
+    }  # fmt: skip
+    argv = lambda **changes: [x for k, v in {**options, **changes}.items() for x in (f"--{k}", str(v))]  # noqa: E731
+    results = recipe("cleansing").main(argv())
+    assert [r["condition"] for r in results["rows"]] == [
+        "no removal", "random removal", "turn-over mean influence", "turn-over pooled mean influence",
+        "influence_function",
+    ]  # fmt: skip
+    for name in ("mean_influence", "mean_influence_pooled"):
+        scores = load_scores(tmp_path / "out" / f"{name}.parquet").to_pandas().score
+        assert len(scores) == 60 and scores.notna().all() and (scores != 0).any()
+    # The scored model is the saved one, untrained: its accuracy on the targets from tokens, without the cache.
+    validation = parts.load_splits(_split_args(60))["validation"]
+    tokens = AutoTokenizer.from_pretrained(backbone)(list(validation["sentence"]), padding=True, max_length=16,
+                                                     truncation=True, return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        predicted = model(**tokens).logits.argmax(-1).numpy()
+    expected = float((predicted == np.asarray(validation["label"])).mean())
+    assert results["turnover_model_validation_accuracy"] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="fingerprint .*--turnover_model"):
+        recipe("cleansing").main(argv(max_train_samples=50))
+    with pytest.raises(ValueError, match="adapters in layer 0.*raise --adapter_layers"):
+        recipe("cleansing").main(argv(adapter_layers=1))
+    with pytest.raises(ValueError, match="--turnover_model .* needs --setup adapters"):
+        recipe("cleansing").main(argv(setup="frozen"))
+
+
 def test_paired_batches_skip_removed_rows_in_place_and_train_on_exactly_them(recipe, tmp_path):
     import datasets
     from transformers import TrainingArguments
