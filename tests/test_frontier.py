@@ -111,3 +111,36 @@ def test_pooled_control_reads_the_frontier_halves(frontier, tmp_path):
         assert -1.0 <= row["lds"] <= 1.0 and 0.0 <= row["helpful_same_class"] <= 1.0
     assert control["num_targets"] == results["num_targets"]
     assert "| never-trained masks |" in (tmp_path / "results.md").read_text()
+
+
+def test_paired_differences_are_the_lds_differences(frontier):
+    """Each turn-over row's LDS minus each peer's on the same targets and halves, with errors; the per-target values
+    average to the bundled metric's LDS."""
+    module, out, results = frontier
+    (point,) = results["points"]
+    lds = {r["method"]: r["lds"] for r in point["rows"] if r["models"] <= 1}
+    assert set(point["paired"]) == {"turn-over linear", "turn-over pooled"}
+    for method, others in point["paired"].items():
+        assert set(others) == set(lds) - {"turn-over linear", "turn-over pooled"}
+        for other, d in others.items():
+            assert d["difference"] == pytest.approx(lds[method] - lds[other], abs=1e-9)
+            assert d["targets_se"] >= 0.0 and not d["halves_se"] < 0.0  # NaN: 2 halves left tie (smoke)
+    assert "| turn-over pooled | gradient dot product (final weights) |" in (out / "results.md").read_text()
+
+
+def test_halves_from_reads_an_earlier_runs_halves(frontier, tmp_path, monkeypatch):
+    """--halves_from: the halves are not retrained; the same seeds give the same LDS. A run that differs is refused."""
+    module, out, results = frontier
+    monkeypatch.setattr(module, "halves_losses", lambda *a, **k: pytest.fail("retrained the halves"))
+    again = module.main(
+        ["--output_dir", str(tmp_path / "again"), "--smoke", "true", "--halves_from", str(out)]
+    )
+    assert again["points"][0]["target_losses"] == results["points"][0]["target_losses"]
+    assert again["halves_from"] == results["command"]
+    lds = {r["method"]: r["lds"] for r in results["points"][0]["rows"] if r["models"] == 1}
+    assert {r["method"]: r["lds"] for r in again["points"][0]["rows"] if r["models"] == 1} == pytest.approx(
+        lds, abs=0.05
+    )
+    with pytest.raises(ValueError, match="--halves_from .* is not this one"):
+        module.main(["--output_dir", str(tmp_path / "x"), "--smoke", "true", "--halves_from", str(out),
+                     "--first_target", "1"])  # fmt: skip

@@ -19,7 +19,12 @@ and the classifier input, AdamW, length-grouped minibatches, trained on the cach
   body): LDS against ``num_subsets`` halves retrained from seed 0's init, minibatches and masks; the
   identical-class test on the averaged models' predicted labels; seed agreement of models 0..K-1 against K..2K-1
   (``hf_turnover.evaluation.seed_agreement``);
-* the peers on models 0 and 1: LDS against the same halves, the identical-class test, seed agreement.
+* the peers on models 0 and 1: LDS against the same halves, the identical-class test, seed agreement;
+* paired differences: each one-model turn-over row's LDS minus each peer's (and label match's) on the same targets
+  and halves, with the error of the per-target differences and the jackknife error over halves.
+
+``--halves_from DIR`` reads the retrained halves' target losses of an earlier run with the same arguments instead of
+retraining them (they depend only on seed 0's init, masks and minibatches).
 
 Writes ``results.json``, ``results.md`` and ``frontier.png`` (LDS and mean-influence seed agreement against
 training seconds) to ``--output_dir``.
@@ -44,6 +49,7 @@ from faithfulness_lib import minilm_top as top
 from faithfulness_lib.minilm_top_grads import grad_dot
 from minilm_lds import lds_halves_se, lds_with_se
 from minilm_top_lds import MiniLMTopArguments, build, load_data, train_options
+from scipy.stats import spearmanr
 from transformers import AutoTokenizer
 
 from hf_turnover.atomic import atomic_write_text
@@ -77,6 +83,12 @@ class FrontierArguments:
     cache_to_disk: bool = field(default=True, metadata={"help": "Keep the frozen-layer cache in ~/.cache."})
     threads: int = field(default=1, metadata={"help": "torch threads."})
     smoke: bool = field(default=False, metadata={"help": "Tiny settings (N=64, 3 targets, 3 halves, K<=2)."})
+    halves_from: str | None = field(
+        default=None,
+        metadata={"help": "Output folder of an earlier run of the same point(s), N, targets and halves: read its "
+                  "retrained halves' target losses instead of retraining them (they depend only on seed 0's init, "
+                  "masks and minibatches, which the seeds fix)."},
+    )  # fmt: skip
     merge: str | None = field(
         default=None,
         metadata={"help": "Comma-separated output dirs of earlier runs (same N, targets and halves, e.g. points "
@@ -188,13 +200,15 @@ def halves_losses(a: MiniLMTopArguments, data, below: int, first: dict, members:
     return np.stack(losses, axis=1)
 
 
-def evaluate_point(args, a, data, below: int, members: np.ndarray) -> dict:
+def evaluate_point(args, a, data, below: int, members: np.ndarray, losses: np.ndarray | None = None) -> dict:
+    """The point's rows; ``losses``: its halves' target losses from an earlier run (else retrained here)."""
     y, y_t, y_val = data["train"][1].numpy(), data["targets"][1].numpy(), data["val"][1].numpy()
     models = train_models(a, data, below, 2 * args.max_models, args.peers)
     start = time.perf_counter()
-    losses = halves_losses(a, data, below, models[0], members) if len(members) else None
+    if losses is None and len(members):
+        losses = halves_losses(a, data, below, models[0], members)
     retrain_seconds = time.perf_counter() - start
-    rows = []
+    rows, compared = [], {}  # compared: the scores (T, N) of the one-model rows, for the paired differences
     for method, seconds in (("turn-over linear", "score_seconds"), ("turn-over pooled", "pooled_seconds")):
         for k in sorted({1, *[2**i for i in range(1, 8) if 2**i <= args.max_models], args.max_models}):
             group, other = models[:k], models[k : 2 * k]
@@ -206,6 +220,8 @@ def evaluate_point(args, a, data, below: int, members: np.ndarray) -> dict:
                    "train_seconds": float(sum(m["train_seconds"] for m in group)),
                    "per_target_s": float(sum(m[seconds] for m in group)) / (2 * len(y_t)),
                    **M.identical_class(pick(mean, predicted), predicted, y)}  # fmt: skip
+            if k == 1:
+                compared[method] = pick(mean, y_t)
             if method == "turn-over linear":
                 row["signal_share"] = float(np.mean([m["signal_share"] for m in group]))
             if len(other) == k:
@@ -221,11 +237,22 @@ def evaluate_point(args, a, data, below: int, members: np.ndarray) -> dict:
                          "train_seconds": models[0]["train_seconds"], "setup_s": first["seconds"],
                          **M.identical_class(first["predicted"], predicted, y),
                          "agreement": seed_agreement(first["true"], models[1]["peers"][name]["true"], labels=y)})  # fmt: skip
+            compared[name] = first["true"]
     if losses is None:  # --num_subsets 0: agreement and accuracy only
         return {"rows": rows, "retrain_seconds": 0.0}
     rows.append(label_baseline(y, y_t, members, losses, rows[0]))
+    compared[rows[-1]["method"]] = np.where(y[None, :] == y_t[:, None], 1.0, -1.0)
     return {
         "rows": rows,
+        "paired": {
+            method: {
+                other: paired_difference(scores, compared[other], members, losses)
+                for other in compared
+                if not other.startswith("turn-over")
+            }
+            for method, scores in compared.items()
+            if method.startswith("turn-over")
+        },  # fmt: skip
         "retrain_seconds": retrain_seconds,
         "subset_loss_std_mean": float(losses.std(1).mean()),
         "target_losses": losses.tolist(),  # (T, J): later metrics need no retraining
@@ -238,6 +265,42 @@ def faithfulness(scores: np.ndarray, members: np.ndarray, losses: np.ndarray | N
         return {"lds": None, "lds_se": None, "lds_halves_se": None}
     value, se = lds_with_se(scores, members, losses)
     return {"lds": value, "lds_se": se, "lds_halves_se": lds_halves_se(scores, members, losses)}
+
+
+def paired_difference(
+    scores: np.ndarray, other: np.ndarray, members: np.ndarray, losses: np.ndarray
+) -> dict[str, float]:
+    """LDS of ``scores`` minus LDS of ``other`` (both (T, N)) on the same targets and halves, with the standard error
+    of the per-target differences and the jackknife error over halves of the difference: the two LDS share their
+    noise, so their difference is measured more tightly than either."""
+    per_target = [per_target_lds(s, members, losses) for s in (scores, other)]
+    diffs = per_target[0] - per_target[1]
+    keep = ~np.isnan(diffs)
+    j = len(members)
+    jack = np.array([lds_difference(scores, other, np.delete(members, k, 0), np.delete(losses, k, 1))
+                     for k in range(j)])  # fmt: skip
+    return {
+        "difference": float(diffs[keep].mean()),
+        "targets_se": float(diffs[keep].std(ddof=1) / np.sqrt(keep.sum())),
+        "halves_se": float(np.sqrt((j - 1) / j * ((jack - jack.mean()) ** 2).sum())),  # NaN: too few halves
+    }
+
+
+def per_target_lds(scores: np.ndarray, members: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """(T,) Spearman correlation of each target's predicted half effects ``scores @ members.T`` with its retrained
+    halves' negated losses (the LDS is their mean); NaN where a target's predictions or losses do not vary."""
+    predicted = scores @ members.T.astype(np.float64)
+    return np.array(
+        [
+            spearmanr(p, -t)[0] if np.ptp(p) and np.ptp(t) else np.nan
+            for p, t in zip(predicted, losses, strict=True)
+        ]
+    )
+
+
+def lds_difference(scores: np.ndarray, other: np.ndarray, members: np.ndarray, losses: np.ndarray) -> float:
+    diffs = per_target_lds(scores, members, losses) - per_target_lds(other, members, losses)
+    return float(diffs[~np.isnan(diffs)].mean()) if (~np.isnan(diffs)).any() else float("nan")
 
 
 def label_baseline(
@@ -308,6 +371,22 @@ def markdown(r: dict) -> str:
             lines.append(f"| {label(p['point'])} | {p['point'].get('halves', r['arguments']['num_subsets'])} | {row['method']} | {row['models']} | {row['val_accuracy']:.3f} | "
                          f"{row['train_seconds']:.0f} | {_lds(row)} | "
                          f"{_rate(row['helpful_same_class'])} | {cells} | {_rate(row.get('signal_share'))} |")  # fmt: skip
+    if any(p.get("paired") for p in r["points"]):
+        lines += [
+            "",
+            "Paired LDS differences (one model, same targets and halves): turn-over's LDS minus each other method's, "
+            "± the standard error of the per-target differences (± the jackknife error over halves). A difference "
+            "more than twice its errors from 0 ranks the two methods on these targets.",
+            "",
+            "| set-up | turn-over method | minus | LDS difference ± SE over targets (± halves) |",
+            "|---|---|---|---|",
+        ]
+        for p in r["points"]:
+            for method, others in p.get("paired", {}).items():
+                lines += [f"| {label(p['point'])} | {method} | {other} | {d['difference']:+.3f} ± "
+                          f"{d['targets_se']:.3f} (halves ± {d['halves_se']:.3f}) |" for other, d in others.items()]  # fmt: skip
+    if r.get("halves_from"):
+        lines += ["", f"Retrained halves read from the run `{r['halves_from']}`."]
     return "\n".join([*lines, ""])
 
 
@@ -402,6 +481,25 @@ def load_frontier_data(args: FrontierArguments, a: MiniLMTopArguments) -> tuple[
     return below, data
 
 
+def halves_from(args: FrontierArguments, results: dict, points: list[dict]) -> list[list]:
+    """The retrained halves' target losses of each point, from the earlier run ``--halves_from``, which must match
+    this run in N, targets, halves and points."""
+    source = json.loads((Path(args.halves_from) / "results.json").read_text())
+    ours = {"num_train": results["num_train"], "num_targets": results["num_targets"],
+            "first_target": args.first_target, "num_subsets": args.num_subsets, "points": points}  # fmt: skip
+    theirs = {"num_train": source["num_train"], "num_targets": source["num_targets"],
+              "first_target": source["arguments"].get("first_target", 0),
+              "num_subsets": source["arguments"]["num_subsets"],
+              "points": parse_points(source["arguments"]["points"])}  # fmt: skip
+    if ours != theirs or any("target_losses" not in p for p in source["points"]):
+        raise ValueError(
+            f"--halves_from {args.halves_from}: that run ({theirs}) is not this one ({ours}); pass the output folder "
+            "of a run with the same --num_train, --num_targets, --first_target, --num_subsets and --points."
+        )
+    results["halves_from"] = source["command"]
+    return [p["target_losses"] for p in source["points"]]
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_benchmark_arguments(FrontierArguments, argv, SMOKE)
     out = Path(args.output_dir)
@@ -421,7 +519,8 @@ def main(argv: list[str] | None = None) -> dict:
         + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "num_train": len(data["train"][1]), "num_targets": len(data["targets"][1]), "points": [],
     }  # fmt: skip
-    for point in points:
+    earlier = halves_from(args, results, points) if args.halves_from else None
+    for index, point in enumerate(points):
         a = setup_arguments(args, point)
         full = {
             "width": a.width,
@@ -432,7 +531,8 @@ def main(argv: list[str] | None = None) -> dict:
             "heads": a.heads,
         }
         print(label(full), flush=True)
-        results["points"].append({"point": full, **evaluate_point(args, a, data, below, members)})
+        losses = np.asarray(earlier[index]) if earlier else None
+        results["points"].append({"point": full, **evaluate_point(args, a, data, below, members, losses)})
         atomic_write_text(out / "results.json", json.dumps(results, indent=2))  # a finished point is kept
     results["wall_seconds"] = time.perf_counter() - start
     write_report(results, out)
