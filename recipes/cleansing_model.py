@@ -105,12 +105,15 @@ def trained_turnover_model(args: Any, data: PreparedData) -> nn.Module:
         model = load_default_model()
     else:
         model = TurnoverBertForSequenceClassification.from_pretrained(args.turnover_model)
-    escape = f" (--turnover_model {args.turnover_model} was trained on another set: drop --max_train_samples, or pass its --dataset_name)"
+    escape = (
+        f" (--turnover_model {args.turnover_model} was trained on another set: drop --max_train_samples, or pass "
+        "its --dataset_name)"
+    )
     check_fingerprint(recorded_fingerprint(model), data.train, "the training set", escape)
-    backbone = AutoModel.from_pretrained(data.model_path).state_dict()
-    kept = [f"encoder.layer.{i}." for i in range(data.cached_layers)]
+    backbone, ours = AutoModel.from_pretrained(data.model_path).state_dict(), model.bert.state_dict()
+    cached = ("embeddings.", *(f"encoder.layer.{i}." for i in range(data.cached_layers)))
     for name, tensor in backbone.items():
-        if name.startswith(("embeddings.", *kept)) and not torch.equal(model.bert.state_dict()[name], tensor):
+        if name.startswith(cached) and not torch.equal(ours[name], tensor):
             raise ValueError(
                 f"--turnover_model {args.turnover_model}: its {name} differs from the backbone "
                 f"{data.model_path} whose layers are cached; pass that model's backbone as --model_name_or_path."

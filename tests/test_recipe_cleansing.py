@@ -267,6 +267,11 @@ def test_cleansing_scores_with_a_trained_turnover_model(recipe, backbone, tmp_pa
         recipe("cleansing").main(argv(max_train_samples=50))
     with pytest.raises(ValueError, match="adapters in layer 0.*raise --adapter_layers"):
         recipe("cleansing").main(argv(adapter_layers=1))
+    with torch.no_grad():
+        model.bert.embeddings.word_embeddings.weight.add_(0.01)
+    model.save_pretrained(tmp_path / "other_backbone")
+    with pytest.raises(ValueError, match="word_embeddings.weight differs from the backbone"):
+        recipe("cleansing").main(argv(turnover_model=tmp_path / "other_backbone"))
     with pytest.raises(ValueError, match="--turnover_model .* needs --setup adapters"):
         recipe("cleansing").main(argv(setup="frozen"))
 
