@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 import types
 from pathlib import Path
 
@@ -159,6 +160,22 @@ def test_cleansing_runs_end_to_end(recipe, backbone, tmp_path):
     stats = results["removal_stats"]
     assert stats["loss"]["misclassified"] >= stats["base_misclassified"]  # the highest losses are the errors
     assert (out / "cleansing.png").stat().st_size > 0 and (out / "removed.md").read_text().count("\n| ") == 7
+
+    # benchmarks/faithfulness/cleansing_label_control.py: random removals with the loss ranking's label counts,
+    # paired with the run's seeds; retraining the run's own condition reproduces its number (the pairing holds).
+    sys.path.insert(0, str(RECIPES.parent / "benchmarks" / "faithfulness"))
+    control = importlib.import_module("cleansing_label_control")
+    labels = np.asarray(
+        recipe("cleansing_parts").load_splits(_split_args(60))["train"]["label"]
+    )  # ids: positions
+    drawn = control.label_matched(labels, removed["loss"], seed=0)
+    assert sorted(labels[drawn].tolist()) == sorted(labels[removed["loss"]].tolist()) and len(set(drawn)) == 6
+    got = control.main(["--run", str(out), "--method", "loss"])
+    assert got["reproduced_first_seed"]["again"] == pytest.approx(got["reproduced_first_seed"]["run"])
+    assert len(got["control_accuracies"]) == 2 and sum(got["removed_labels"].values()) == 6
+    loss_row = next(r for r in results["rows"] if r["condition"] == "loss")
+    expected = 100 * (np.asarray(loss_row["accuracies"]) - got["control_accuracies"])
+    assert got["method_minus_control"][0] == pytest.approx(expected.mean())
 
 
 def test_frozen_setup_still_runs(recipe, tmp_path):
