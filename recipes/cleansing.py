@@ -143,9 +143,9 @@ def run_conditions(args, training_args, data: PreparedData, removals: dict[str, 
 
 
 def score_training_set(args, turnover_args, training_args, data: PreparedData, output: Path):
-    """Steps 1-2: train with turn-over masks (or take ``--turnover_model``); mean influence (and centered) of every training sentence on the
-    target validation set and the peer scores on the same model, saved; returns (trainer, rankings by id,
-    mean influence, peer scores)."""
+    """Steps 1-2: train with turn-over masks (or take ``--turnover_model``); mean influence (and centered) of every
+    training sentence on the target validation set and the peer scores on the same model, saved; returns (trainer,
+    rankings by id, mean influence, peer scores)."""
     training_args.data_seed = training_args.seed
     if args.turnover_model:  # already trained: only scored here
         trainer = Trainer(trained_turnover_model(args, data), training_args, data_collator=data.collator,
