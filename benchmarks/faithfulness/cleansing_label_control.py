@@ -45,7 +45,7 @@ def label_matched(labels: np.ndarray, removed: list[int], seed: int) -> list[int
     return out
 
 
-def test_accuracy(args, training_args, data, skipped: list[int], seed: int) -> float:
+def retrained_accuracy(args, training_args, data, skipped: list[int], seed: int) -> float:
     """Test accuracy of the model retrained on seed ``seed``'s minibatches with ``skipped`` left out."""
     training_args.seed = training_args.data_seed = seed
     batches = fixed_batches(data.train, training_args.per_device_train_batch_size, seed)
@@ -82,8 +82,10 @@ def main(argv: list[str] | None = None) -> dict:
     labels = np.asarray(data.train["label"])
     removed = [int(i) for i in run["removed_train_ids"][options.method]]
     seeds = rows[options.method]["seeds"]
-    check = test_accuracy(args, training_args, data, removed, seeds[0])
-    control = [test_accuracy(args, training_args, data, label_matched(labels, removed, s), s) for s in seeds]
+    check = retrained_accuracy(args, training_args, data, removed, seeds[0])
+    control = [
+        retrained_accuracy(args, training_args, data, label_matched(labels, removed, s), s) for s in seeds
+    ]
     method, random_rows = (
         np.asarray(rows[options.method]["accuracies"]),
         np.asarray(rows["random removal"]["accuracies"]),

@@ -241,7 +241,7 @@ def evaluate_point(args, a, data, below: int, members: np.ndarray, losses: np.nd
     if losses is None:  # --num_subsets 0: agreement and accuracy only
         return {"rows": rows, "retrain_seconds": 0.0}
     rows.append(label_baseline(y, y_t, members, losses, rows[0]))
-    compared[rows[-1]["method"]] = np.where(y[None, :] == y_t[:, None], 1.0, -1.0)
+    compared[rows[-1]["method"]] = label_match_scores(y, y_t)
     return {
         "rows": rows,
         "paired": {
@@ -303,12 +303,17 @@ def lds_difference(scores: np.ndarray, other: np.ndarray, members: np.ndarray, l
     return float(diffs[~np.isnan(diffs)].mean()) if (~np.isnan(diffs)).any() else float("nan")
 
 
+def label_match_scores(y: np.ndarray, y_t: np.ndarray) -> np.ndarray:
+    """(T, N): +1 where training sentence i has target t's label, -1 otherwise."""
+    return np.where(y[None, :] == y_t[:, None], 1.0, -1.0)
+
+
 def label_baseline(
     y: np.ndarray, y_t: np.ndarray, members: np.ndarray, losses: np.ndarray, first: dict
 ) -> dict:
     """Not an explanation: +1 for every training sentence with the target's label, -1 otherwise. Its LDS is what
     a half's class balance alone explains of the retrained losses."""
-    scores = np.where(y[None, :] == y_t[:, None], 1.0, -1.0)
+    scores = label_match_scores(y, y_t)
     return {"method": "label match (+1 same label, -1 other)", "models": 0, **faithfulness(scores, members, losses),
             "val_accuracy": first["val_accuracy"],
             "train_seconds": 0.0, "helpful_same_class": None}  # fmt: skip
