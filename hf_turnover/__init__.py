@@ -14,7 +14,7 @@ from .model import add_turnover, get_turnover_config, load_turnover, remove_turn
 from .modeling_turnover import TurnoverBertConfig, TurnoverBertForSequenceClassification
 from .pipeline_turnover import InfluencePipeline
 from .plots import plot_learning_curves, plot_self_influence
-from .pooled import PooledBasis, head_features
+from .pooled import PooledBasis, head_features, training_errors
 from .results import combine_scores, load_scores, push_scores, save_scores, score_arguments
 from .training_set import load_training_set
 from .variants import average_scores, ensemble_influence
@@ -76,6 +76,7 @@ __all__ = [
     "score_arguments",
     "self_influence",
     "training_fingerprint",
+    "training_errors",
     "training_pooled_basis",
     "get_turnover_config",
     "load_turnover",

@@ -25,7 +25,7 @@ from .inputs import (
     to_batch,
 )
 from .linear import LinearScorer, make_scorer, reference_gradient
-from .pooled import COMPONENTS, PooledBasis, head_features
+from .pooled import COMPONENTS, PooledBasis, head_features, training_errors
 from .scorer import TurnoverScorer
 from .scoring_steps import show_progress
 from .training_set import TEXT_COLUMNS
@@ -210,9 +210,10 @@ def training_pooled_basis(
     progress: bool | None = None,
 ) -> PooledBasis:
     """The :class:`~hf_turnover.pooled.PooledBasis` of ``method="pooled"`` for a text classifier: every training
-    text's head input (one forward pass per batch, in length order) reduced to ``num_components`` principal
-    components, with its id and label. Seconds to a few minutes on a CPU (8,454 short sentences: about a minute);
-    the pipeline saves it with the model (``turnover_pooling.safetensors``)."""
+    text's id, label, and ``num_components`` components from one forward pass per batch (in length order): the
+    model's error on the text, then the top principal components of its head input. Seconds to a few minutes on a
+    CPU (8,454 short sentences: about a minute); the pipeline saves it with the model
+    (``turnover_pooling.safetensors``)."""
     columns = train_dataset.column_names
     text_column = next((c for c in TEXT_COLUMNS if c in columns), None)
     labels = label_column(columns)
@@ -220,7 +221,8 @@ def training_pooled_basis(
         raise ValueError(
             f"method='pooled' builds its groups from the training set's text and label columns ({TEXT_COLUMNS}; "
             f"label/labels); it has {columns}. Build the basis yourself: "
-            "hf_turnover.PooledBasis.from_features(ids, labels, head_features(model, batches))."
+            "hf_turnover.PooledBasis.from_features(ids, labels, features, errors=training_errors(logits, labels)) "
+            "with features, logits = head_features(model, batches, return_logits=True)."
         )
     texts = train_dataset.with_format(None, columns=[text_column])[:][text_column]
     y = integer_column(train_dataset, labels)
@@ -238,15 +240,16 @@ def training_pooled_basis(
             bar.update(len(chunk))
             yield {k: v.to(model.device) for k, v in encoded.items() if k in names}
 
-    features = torch.empty(0)
     try:
         with torch.inference_mode():
-            features = head_features(model, batches())
+            features, logits = head_features(model, batches(), return_logits=True)
     finally:
         bar.close()
-    unsorted = torch.empty_like(features)
-    unsorted[torch.as_tensor(order)] = features
-    return PooledBasis.from_features(ids, y, unsorted, num_components)
+    back = torch.as_tensor(order)  # row j of the pass is text order[j]
+    unsorted, unsorted_logits = torch.empty_like(features), torch.empty_like(logits)
+    unsorted[back], unsorted_logits[back] = features, logits
+    errors = training_errors(unsorted_logits, y)
+    return PooledBasis.from_features(ids, y, unsorted, num_components, errors=errors)
 
 
 def dataset_pooled_basis(
@@ -257,7 +260,8 @@ def dataset_pooled_basis(
     num_components: int = COMPONENTS,
 ) -> PooledBasis:
     """The :class:`~hf_turnover.pooled.PooledBasis` of a training set of model inputs (token ids, or any input
-    columns the model takes) with its id and label columns: the head input of every row, in padded batches."""
+    columns the model takes) with its id and label columns: the model's error on every row and its head input, in
+    padded batches."""
     labels = label_column(train_dataset.column_names)
     if labels is None:
         raise ValueError(
@@ -268,10 +272,12 @@ def dataset_pooled_basis(
     order = length_order(train_dataset)  # similar lengths per batch: little padding; undone below
     rows = train_dataset if order is None else train_dataset.select(order)
     batches = (inputs for _, inputs, _ in padded_batches(rows, model, batch_size, model.device))
-    features = head_features(model, batches)
+    features, logits = head_features(model, batches, return_logits=True)
     if order is not None:
         features[torch.as_tensor(order)] = features.clone()
-    return PooledBasis.from_features(ids, integer_column(train_dataset, labels), features, num_components)
+        logits[torch.as_tensor(order)] = logits.clone()
+    y = integer_column(train_dataset, labels)
+    return PooledBasis.from_features(ids, y, features, num_components, errors=training_errors(logits, y))
 
 
 def _linear_pass(

@@ -10,7 +10,8 @@ one epoch) the training ids' scores vary only 1-2% more than never-trained ids' 
 instances is mostly the mask draw.
 
 Pooling reads the masks in aggregate. With ``G`` (N x C) a design of groups of training instances, one-hot labels
-and their interactions with the top ``k`` principal components of the model's own representation of each instance,
+and their interactions with ``k`` components of each instance (the model's error on it, then the top principal
+components of the model's own representation of it),
 ``n = X^T G`` (W x C) is what each group's instances left in each unit if they all left the same trace. Per target,
 
     psi   = argmin |g - n psi|                        (a least-squares fit over W units, C << W)
@@ -20,7 +21,10 @@ and their interactions with the top ``k`` principal components of the model's ow
 
 ``lambda`` is the share of the residuals' variance above that of never-trained ids (shrinkage toward the group).
 ``k`` is picked per target by cross-validation over the units (fit on half of them, predict the other half), so
-the number of components follows the data, not a benchmark. The result is an estimate of the same quantity as
+the number of components follows the data, not a benchmark. The error component (``1 - p(label)`` under the
+trained model) is there because an instance's trace is the sum of its loss gradients: instances the model still
+gets wrong pushed its units harder and for longer than ones it fitted early, which the masks can measure only if
+the groups tell them apart. The result is an estimate of the same quantity as
 ``method="linear"`` (``E[s_i] = |x_i|^2 kappa_i`` for a per-instance trace ``kappa_i``), much less noisy where
 instances of one group influence a target alike, and equal for instances that the group design cannot tell apart
 and whose own traces are lost in the noise.
@@ -71,20 +75,31 @@ class PooledBasis:
 
     @classmethod
     def from_features(
-        cls, ids: Any, labels: Any, features: Any, num_components: int = COMPONENTS
+        cls, ids: Any, labels: Any, features: Any, num_components: int = COMPONENTS, errors: Any = None
     ) -> PooledBasis:
         """The basis of training instances whose representations are the rows of ``features`` (N, D), e.g. the
-        classification head's input (:func:`head_features`): their top ``num_components`` principal components,
-        each scaled to unit variance."""
+        classification head's input (:func:`head_features`): their top principal components, each scaled to unit
+        variance, ``num_components`` in all. ``errors`` (N,): the trained model's error on each instance
+        (:func:`training_errors`); when given, it is the first component (standardised) and the principal
+        components follow."""
         x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
         if x.dim() != 2 or len(x) < 2:
             raise ValueError(f"features must be (N, D) with N >= 2; got shape {tuple(x.shape)}.")
+        first = []
+        if errors is not None:
+            e = torch.as_tensor(np.asarray(errors), dtype=torch.float64).flatten()
+            if len(e) != len(x):
+                raise ValueError(
+                    f"errors has {len(e)} values for {len(x)} rows of features; give one per training instance "
+                    "(hf_turnover.pooled.training_errors(logits, labels))."
+                )
+            first = [((e - e.mean()) / e.std().clamp_min(1e-12))[:, None]] if num_components > 0 else []
         x = x - x.mean(0)
-        k = max(0, min(num_components, x.shape[1], len(x) - 1))
+        k = max(0, min(num_components - len(first), x.shape[1], len(x) - 1))
         u, s, _ = torch.linalg.svd(x, full_matrices=False)
         pcs = u[:, :k] * s[:k]
         pcs = pcs / pcs.std(0).clamp_min(1e-12)
-        return cls(ids, labels, pcs.float())
+        return cls(ids, labels, torch.cat([*first, pcs], 1).float())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"ids": self.ids, "labels": self.labels, "components": self.components.contiguous()}
@@ -103,12 +118,26 @@ class PooledBasis:
         return torch.cat(blocks, 1)
 
 
+def training_errors(logits: Any, labels: Any) -> torch.Tensor:
+    """``(N,)``: ``1 - p(label)`` of each row of ``logits`` (N, C) under its label: the trained model's error on
+    each training instance, the size of its loss gradient at the logits (:meth:`PooledBasis.from_features`)."""
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).flatten()
+    if logits.dim() != 2 or len(logits) != len(labels):
+        raise ValueError(
+            f"training_errors takes logits (N, C) and N labels; got logits {tuple(logits.shape)} and "
+            f"{len(labels)} labels."
+        )
+    return 1 - torch.softmax(logits, -1).gather(1, labels[:, None])[:, 0]
+
+
 @torch.no_grad()
-def head_features(model: nn.Module, batches: Any) -> torch.Tensor:
+def head_features(model: nn.Module, batches: Any, return_logits: bool = False) -> Any:
     """``(N, D)``: the input of the model's turn-over layers that mask their input (the classification head; with
     several heads, their inputs side by side), or else the output of its last turn-over layer at the first
     position, for every row of ``batches`` (dicts of model inputs), in order. The representation
-    :meth:`PooledBasis.from_features` groups instances by."""
+    :meth:`PooledBasis.from_features` groups instances by. ``return_logits``: also the model's logits (N, C) of
+    the same pass, as ``(features, logits)``."""
     hooks = turnover_hooks(model)
     if not hooks:
         raise ValueError(
@@ -130,16 +159,20 @@ def head_features(model: nn.Module, batches: Any) -> torch.Tensor:
             handles.append(module.register_forward_hook(lambda m, args, out, name=name: keep(name, out)))
     was_training = model.training
     model.eval()
+    logits = []
     try:
         for inputs in batches:
-            model(**inputs)
+            out = model(**inputs)
+            if return_logits:
+                logits.append((out.logits if hasattr(out, "logits") else out[0]).detach().float().cpu())
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
     if not rows[names[0]]:
         raise ValueError("head_features got no batches: pass at least one batch of inputs.")
-    return torch.cat([torch.cat(rows[name]) for name in names], 1)
+    features = torch.cat([torch.cat(rows[name]) for name in names], 1)
+    return (features, torch.cat(logits)) if return_logits else features
 
 
 def signal_share(scores: torch.Tensor, noise_scores: torch.Tensor) -> torch.Tensor:

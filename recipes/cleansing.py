@@ -67,7 +67,7 @@ from hf_turnover.config import TurnoverArguments
 from hf_turnover.influence import mean_influence
 from hf_turnover.linear import reference_gradient
 from hf_turnover.model import get_turnover_config
-from hf_turnover.pooled import PooledBasis, head_features
+from hf_turnover.pooled import PooledBasis, head_features, training_errors
 from hf_turnover.results import save_scores, scores_dataset
 
 logger = logging.getLogger(__name__)
@@ -169,10 +169,13 @@ def score_training_set(args, turnover_args, training_args, data: PreparedData, o
         rankings[CENTERED] = dict(zip(centered["train_id"], centered["score"], strict=True))
     if args.pooled:
         ids = np.asarray(data.train["instance_id"])
-        features = head_features(
-            trainer.model, reference_batches(data.train, data.collator, rows=range(len(ids)))
+        features, logits = head_features(
+            trainer.model,
+            reference_batches(data.train, data.collator, rows=range(len(ids))),
+            return_logits=True,
         )
-        basis = PooledBasis.from_features(ids, data.train["label"], features)
+        errors = training_errors(logits, data.train["label"])
+        basis = PooledBasis.from_features(ids, data.train["label"], features, errors=errors)
         pooled = mean_influence(trainer.model, data.train, data.validation, method="pooled", basis=basis,
                                 **options)  # fmt: skip
         save_scores(pooled, output / "mean_influence_pooled.parquet")

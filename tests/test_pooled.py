@@ -12,7 +12,7 @@ from hf_turnover.evaluation import score_matrix, seed_agreement
 from hf_turnover.linear import LinearScorer, PooledScorer, layer_bits, make_scorer
 from hf_turnover.model import turnover_hooks
 from hf_turnover.pipeline_turnover import InfluencePipeline
-from hf_turnover.pooled import NOISE_IDS, PooledBasis, head_features, signal_share
+from hf_turnover.pooled import NOISE_IDS, PooledBasis, head_features, signal_share, training_errors
 
 N = 48
 
@@ -151,6 +151,40 @@ def test_head_features_are_the_classifier_inputs_in_order(setup):
     torch.testing.assert_close(head_features(model, batches), seen[0])
 
 
+def test_the_model_error_is_the_first_component():
+    """``errors=``: component 0 is the standardised error, then the principal components that the same features
+    give without errors, ``num_components`` in all."""
+    g = torch.Generator().manual_seed(5)
+    features, logits = torch.randn(N, 12, generator=g), torch.randn(N, 3, generator=g)
+    labels = torch.randint(0, 3, (N,), generator=g)
+    errors = training_errors(logits, labels)
+    torch.testing.assert_close(errors, 1 - torch.softmax(logits.double(), -1)[torch.arange(N), labels])
+    basis = PooledBasis.from_features(torch.arange(N), labels, features, 4, errors=errors)
+    plain = PooledBasis.from_features(torch.arange(N), labels, features, 3)
+    assert basis.components.shape == (N, 4)
+    standardised = ((errors - errors.mean()) / errors.std()).float()
+    torch.testing.assert_close(basis.components[:, 0], standardised)
+    torch.testing.assert_close(basis.components[:, 1:], plain.components)
+    with pytest.raises(ValueError, match="errors has 5 values for 48 rows"):
+        PooledBasis.from_features(torch.arange(N), labels, features, 4, errors=errors[:5])
+    with pytest.raises(ValueError, match=r"logits \(48, 3\) and 5 labels"):
+        training_errors(logits, labels[:5])
+
+
+def test_text_basis_puts_the_model_error_on_each_text_first(tmp_path):
+    """training_pooled_basis: component 0 is the model's error on each training text, computed one text at a
+    time here; the batched pass sorts texts by length and puts them back."""
+    from hf_turnover.explain import training_pooled_basis
+
+    model, tokenizer, train = make_saved(tmp_path)
+    basis = training_pooled_basis(model, tokenizer, train, batch_size=3, num_components=3, progress=False)
+    with torch.no_grad():
+        logits = torch.cat([model(**tokenizer(t, return_tensors="pt")).logits for t in train["sentence"]])
+    errors = training_errors(logits, train["label"])
+    torch.testing.assert_close(basis.components[:, 0], ((errors - errors.mean()) / errors.std()).float(),
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
 def test_signal_share_of_scores_and_of_noise():
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(3, 4000, generator=g)
@@ -274,10 +308,11 @@ def test_dataset_basis_reads_rows_in_length_order_and_returns_them_in_place(setu
             "instance_id": list(range(500, 520))}  # fmt: skip
     train = datasets.Dataset.from_dict(rows)
     basis = dataset_pooled_basis(model, train, batch_size=6, num_components=3)
-    alone = head_features(
+    alone, logits = head_features(
         model, ({"input_ids": torch.tensor([r]), "attention_mask": torch.ones(1, len(r), dtype=torch.long)}
-                for r in rows["input_ids"])
+                for r in rows["input_ids"]), return_logits=True
     )  # fmt: skip
-    expected = PooledBasis.from_features(rows["instance_id"], rows["labels"], alone, num_components=3)
+    errors = training_errors(logits, rows["labels"])
+    expected = PooledBasis.from_features(rows["instance_id"], rows["labels"], alone, 3, errors=errors)
     assert basis.ids.tolist() == rows["instance_id"] and basis.labels.tolist() == rows["labels"]
     torch.testing.assert_close(basis.components.abs(), expected.components.abs(), rtol=1e-3, atol=1e-3)

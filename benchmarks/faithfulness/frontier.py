@@ -54,7 +54,7 @@ from transformers import AutoTokenizer
 
 from hf_turnover.atomic import atomic_write_text
 from hf_turnover.evaluation import random_half_subsets, seed_agreement
-from hf_turnover.pooled import NOISE_IDS, PooledBasis
+from hf_turnover.pooled import NOISE_IDS, PooledBasis, training_errors
 from hf_turnover.pooled import signal_share as pooled_signal_share
 
 SMOKE = {"num_train": 64, "num_targets": 3, "num_val": 64, "num_subsets": 3, "max_models": 2,
@@ -172,7 +172,10 @@ def train_models(a: MiniLMTopArguments, data, below: int, count: int, peers: boo
             by_label = label_scores(model, hidden_t, len(y))
             score_seconds = time.perf_counter() - start
             start = time.perf_counter()
-            basis = PooledBasis.from_features(np.arange(len(y)), y, top.pooled_features(model, hidden))
+            errors = training_errors(top.logits(model, hidden), y)
+            basis = PooledBasis.from_features(
+                np.arange(len(y)), y, top.pooled_features(model, hidden), errors=errors
+            )
             pooled = label_scores(model, hidden_t, len(y), "pooled", basis=basis)
             row = {"seed": seed, "train_seconds": run.seconds, "score_seconds": score_seconds,
                    "pooled_seconds": time.perf_counter() - start,
