@@ -87,7 +87,7 @@ class PooledBasis:
             raise ValueError(f"features must be (N, D) with N >= 2; got shape {tuple(x.shape)}.")
         first = []
         if errors is not None:
-            e = torch.as_tensor(np.asarray(errors), dtype=torch.float64).flatten()
+            e = torch.as_tensor(errors).detach().cpu().double().flatten()
             if len(e) != len(x):
                 raise ValueError(
                     f"errors has {len(e)} values for {len(x)} rows of features; give one per training instance "
@@ -121,8 +121,8 @@ class PooledBasis:
 def training_errors(logits: Any, labels: Any) -> torch.Tensor:
     """``(N,)``: ``1 - p(label)`` of each row of ``logits`` (N, C) under its label: the trained model's error on
     each training instance, the size of its loss gradient at the logits (:meth:`PooledBasis.from_features`)."""
-    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).flatten()
+    logits = torch.as_tensor(logits).detach().cpu().double()
+    labels = torch.as_tensor(labels).detach().cpu().long().flatten()
     if logits.dim() != 2 or len(logits) != len(labels):
         raise ValueError(
             f"training_errors takes logits (N, C) and N labels; got logits {tuple(logits.shape)} and "
