@@ -172,10 +172,9 @@ def train_models(a: MiniLMTopArguments, data, below: int, count: int, peers: boo
             by_label = label_scores(model, hidden_t, len(y))
             score_seconds = time.perf_counter() - start
             start = time.perf_counter()
-            errors = training_errors(top.logits(model, hidden), y)
-            basis = PooledBasis.from_features(
-                np.arange(len(y)), y, top.pooled_features(model, hidden), errors=errors
-            )
+            features, train_logits = top.pooled_features(model, hidden, return_logits=True)
+            errors = training_errors(train_logits, y)
+            basis = PooledBasis.from_features(np.arange(len(y)), y, features, errors=errors)
             pooled = label_scores(model, hidden_t, len(y), "pooled", basis=basis)
             row = {"seed": seed, "train_seconds": run.seconds, "score_seconds": score_seconds,
                    "pooled_seconds": time.perf_counter() - start,

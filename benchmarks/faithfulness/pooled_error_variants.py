@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
         model = build(a, seed)
         with top.cut_bottom(model, below):
             top.train_top(model, M.snapshot(model), hidden, y, **train_options(a, seed))
-            errors = training_errors(top.logits(model, hidden), y)
-            bases = variants(np.arange(n), y, top.pooled_features(model, hidden), errors)
+            features, train_logits = top.pooled_features(model, hidden, return_logits=True)
+            bases = variants(np.arange(n), y, features, training_errors(train_logits, y))
             for name, basis in bases.items():
                 scores.setdefault(name, []).append(F.label_scores(model, hidden_t, n, "pooled", basis=basis))
                 print(f"seed {seed}: {name}", flush=True)

@@ -293,13 +293,15 @@ def target_losses(model, hidden: Hidden, labels: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def pooled_features(model, hidden: Hidden, chunk: int = 128) -> torch.Tensor:
-    """(N, H) classifier inputs of the full network (no masks; K heads: (N, K H), their inputs side by side)."""
+def pooled_features(model, hidden: Hidden, chunk: int = 128, return_logits: bool = False):
+    """(N, H) classifier inputs of the full network (no masks; K heads: (N, K H), their inputs side by side);
+    ``return_logits``: also the logits (N, C) of the same pass, as ``(features, logits)``."""
     chunks = list(hidden.chunks(chunk))
-    features = head_features(model, (hidden.batch(rows) for rows in chunks))
-    out = torch.empty_like(features)
-    out[torch.as_tensor(np.concatenate(chunks))] = features
-    return out
+    features, logits = head_features(model, (hidden.batch(rows) for rows in chunks), return_logits=True)
+    rows = torch.as_tensor(np.concatenate(chunks))
+    out, out_logits = torch.empty_like(features), torch.empty_like(logits)
+    out[rows], out_logits[rows] = features, logits
+    return (out, out_logits) if return_logits else out
 
 
 def last_layer(model) -> SimpleNamespace:
