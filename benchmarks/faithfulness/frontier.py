@@ -362,7 +362,8 @@ def markdown(r: dict) -> str:
         "Signal share (linear rows): 1 - var(scores of never-trained ids) / var(scores of the training ids) under "
         "the same target gradient, mean over targets (`hf_turnover.pooled.signal_share`): the part of a linear "
         "score's spread that is the training rather than the mask draw. Pooled: `method=\"pooled\"` "
-        "(`hf_turnover.pooled`), groups by label and the top principal components of each model's head input.",
+        "(`hf_turnover.pooled`), groups by label x the model's error on each sentence and the top principal "
+        "components of its head input.",
         "",
         "| set-up | halves | method | K | val acc | train s | LDS ± SE over targets (± jackknife SE over halves) | helpful top-1 same class | pairwise Spearman | "
         "mean-influence Spearman | within label | top-10 overlap | signal share |",
